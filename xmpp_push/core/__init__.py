@@ -1,0 +1,1 @@
+"""The core: registrations, policy, dispatch and outcomes. Knows nothing of XMPP or HTTP."""

@@ -1,0 +1,1 @@
+"""Push networks behind one interface (`xmpp_push.core.ports.Provider`)."""
