@@ -1,0 +1,255 @@
+"""The XEP-0114 link: handshake, disco, publishes, errors, reconnect, shutdown.
+
+Real XML over a real loopback socket to a minimal server side (tests/fakeserver.py);
+the same behaviours are checked against real Prosody and ejabberd in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from tests.fakeserver import FakeXmppServer
+from xmpp_push.xmpp.component import ComponentSettings, PushComponent
+from xmpp_push.xmpp.errors import StanzaError
+from xmpp_push.xmpp.publish import PublishRequest
+
+SECRET = "s3cret"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+GOOD_OPTIONS = (
+    "<publish-options><x xmlns='jabber:x:data' type='submit'>"
+    "<field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>"
+    "<field var='service'><value>apns</value></field>"
+    "<field var='device_id'><value>abcd</value></field></x></publish-options>"
+)
+
+
+def publish(iq_id: str, sender: str = "localhost", node: str = "n1") -> str:
+    return (
+        f"<iq type='set' id='{iq_id}' from='{sender}' to='push.localhost'>"
+        "<pubsub xmlns='http://jabber.org/protocol/pubsub'>"
+        f"<publish node='{node}'><item><notification xmlns='urn:xmpp:push:0'/></item></publish>"
+        f"{GOOD_OPTIONS}</pubsub></iq>"
+    )
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.requests: list[PublishRequest] = []
+        self.answer: StanzaError | None = None
+        self.delay = 0.0
+
+    async def __call__(self, request: PublishRequest) -> StanzaError | None:
+        self.requests.append(request)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return self.answer
+
+
+def error_of(stanza: ET.Element) -> tuple[str | None, list[str]]:
+    error = stanza.find("{jabber:component:accept}error")
+    assert error is not None, ET.tostring(stanza)
+    return error.get("type"), [child.tag.split("}")[1] for child in error]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeXmppServer]:
+    async with FakeXmppServer(SECRET) as fake:
+        yield fake
+
+
+async def connect(server: FakeXmppServer, recorder: Recorder, **settings: object) -> PushComponent:
+    component = PushComponent(
+        ComponentSettings(
+            jid="push.localhost",
+            secret=SECRET,
+            port=server.port,
+            allowed_domains=frozenset({"localhost"}),
+            **settings,  # type: ignore[arg-type]
+        ),
+        recorder,
+    )
+    component.start()
+    await asyncio.wait_for(component.connected_event.wait(), 5)
+    return component
+
+
+async def test_stanzas_in_the_same_read_as_the_handshake_are_answered(
+    server: FakeXmppServer,
+) -> None:
+    server.greeting_extra = (
+        "<iq type='get' id='d1' from='localhost' to='push.localhost'>"
+        "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>" + publish("p1")
+    )
+    recorder = Recorder()
+    component = await connect(server, recorder)
+    answers = {(await server.next_stanza()).get("id") for _ in range(2)}
+    assert answers == {"d1", "p1"}
+    assert recorder.requests[0].node == "n1"
+    await component.close()
+
+
+async def test_disco_info_names_a_push_service_and_echoes_the_node(
+    server: FakeXmppServer,
+) -> None:
+    component = await connect(server, Recorder())
+    server.send(
+        "<iq type='get' id='d2' from='localhost' to='push.localhost'>"
+        "<query xmlns='http://jabber.org/protocol/disco#info' node='urn:xmpp:delegation:2::x'/>"
+        "</iq>"
+    )
+    reply = await server.next_stanza()
+    assert reply.get("type") == "result"
+    query = reply.find("{http://jabber.org/protocol/disco#info}query")
+    assert query is not None
+    assert query.get("node") == "urn:xmpp:delegation:2::x"
+    identity = query.find("{http://jabber.org/protocol/disco#info}identity")
+    assert identity is not None
+    assert (identity.get("category"), identity.get("type")) == ("pubsub", "push")
+    features = {f.get("var") for f in query.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert "urn:xmpp:push:0" in features
+    await component.close()
+
+
+async def test_publish_is_answered_result(server: FakeXmppServer) -> None:
+    component = await connect(server, Recorder())
+    server.send(publish("p2"))
+    reply = await server.next_stanza()
+    assert (reply.get("type"), reply.get("id"), reply.get("to"), reply.get("from")) == (
+        "result",
+        "p2",
+        "localhost",
+        "push.localhost",
+    )
+    await component.close()
+
+
+async def test_handler_error_becomes_the_reply(server: FakeXmppServer) -> None:
+    recorder = Recorder()
+    recorder.answer = StanzaError("cancel", "item-not-found", "gone")
+    component = await connect(server, recorder)
+    server.send(publish("p3"))
+    assert error_of(await server.next_stanza()) == ("cancel", ["item-not-found", "text"])
+    await component.close()
+
+
+async def test_publish_from_a_domain_not_allowed_is_forbidden(server: FakeXmppServer) -> None:
+    recorder = Recorder()
+    component = await connect(server, recorder)
+    server.send(publish("p4", sender="evil.example"))
+    server.send(publish("p5", sender="alice@localhost"))
+    for _ in range(2):
+        assert error_of(await server.next_stanza())[:1] == ("auth",)
+    assert recorder.requests == []
+    await component.close()
+
+
+async def test_malformed_publish_gets_an_error_and_the_link_stays_up(
+    server: FakeXmppServer,
+) -> None:
+    recorder = Recorder()
+    component = await connect(server, recorder)
+    server.send(
+        "<iq type='set' id='bad' from='localhost' to='push.localhost'>"
+        "<pubsub xmlns='http://jabber.org/protocol/pubsub'><publish/></pubsub></iq>"
+    )
+    assert error_of(await server.next_stanza()) == (
+        "modify",
+        ["bad-request", "text", "nodeid-required"],
+    )
+    server.send(publish("good"))
+    assert (await server.next_stanza()).get("type") == "result"
+    await component.close()
+
+
+async def test_handler_crash_is_answered_wait(server: FakeXmppServer) -> None:
+    async def crash(_request: PublishRequest) -> StanzaError | None:
+        raise RuntimeError("boom")
+
+    component = PushComponent(
+        ComponentSettings(
+            jid="push.localhost",
+            secret=SECRET,
+            port=server.port,
+            allowed_domains=frozenset({"localhost"}),
+        ),
+        crash,
+    )
+    component.start()
+    await asyncio.wait_for(component.connected_event.wait(), 5)
+    server.send(publish("p6"))
+    assert error_of(await server.next_stanza())[0] == "wait"
+    server.send(publish("p7"))
+    assert error_of(await server.next_stanza())[0] == "wait"
+    await component.close()
+
+
+async def test_results_and_errors_are_never_answered(server: FakeXmppServer) -> None:
+    component = await connect(server, Recorder())
+    server.send(
+        "<iq type='result' id='r1' from='localhost' to='push.localhost'>"
+        "<pubsub xmlns='http://jabber.org/protocol/pubsub'/></iq>"
+    )
+    server.send(publish("after"))
+    assert (await server.next_stanza()).get("id") == "after"
+    await component.close()
+
+
+async def test_component_reconnects_after_the_server_drops_it(server: FakeXmppServer) -> None:
+    component = await connect(server, Recorder(), reconnect_max_delay=0.2)
+    server.drop()
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(component.connected_event.wait(), 5)
+    assert server.handshakes == 2
+    server.send(publish("again"))
+    assert (await server.next_stanza()).get("type") == "result"
+    await component.close()
+
+
+async def test_without_reconnect_a_lost_link_is_final(server: FakeXmppServer) -> None:
+    component = await connect(server, Recorder(), reconnect=False)
+    server.drop()
+    reason = await asyncio.wait_for(component.lost_for_good, 5)
+    assert "reconnect is off" in reason
+    await component.close()
+
+
+async def test_wrong_secret_is_logged_with_a_hint(server: FakeXmppServer) -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        component = PushComponent(
+            ComponentSettings(
+                jid="push.localhost", secret="wrong", port=server.port, reconnect=False
+            ),
+            Recorder(),
+        )
+        component.start()
+        await asyncio.wait_for(component.lost_for_good, 5)
+    errors = [entry for entry in logs if entry["event"] == "stream_error"]
+    assert errors
+    assert "component.secret" in errors[0]["hint"]
+    await component.close()
+
+
+async def test_in_flight_publishes_are_answered_wait_at_shutdown(
+    server: FakeXmppServer,
+) -> None:
+    recorder = Recorder()
+    recorder.delay = 10.0
+    component = await connect(server, recorder)
+    server.send(publish("slow"))
+    await asyncio.sleep(0.1)
+    component.stop_accepting()
+    server.send(publish("late"))
+    late = await server.next_stanza()
+    assert late.get("id") == "late"
+    assert error_of(late)[0] == "wait"
+    await component.finish_answers(timeout=0.1)
+    slow = await server.next_stanza()
+    assert slow.get("id") == "slow"
+    assert error_of(slow)[0] == "wait"
+    await component.close()

@@ -1,0 +1,273 @@
+"""The XEP-0114 link: connect, answer disco, take publishes, stay up.
+
+Publishes are read straight from the ElementTree under the stanza and answered with
+pre-built XML (`xmpp_push.xmpp.errors`): `iq.reply()` copies the whole tree and was
+the largest single cost of a publish (PROTOCOLS.md §8). Each publish is answered from
+its own task, so a slow push network never holds up the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from xml.etree.ElementTree import Element
+from xml.sax.saxutils import quoteattr
+
+import structlog
+from slixmpp import ComponentXMPP
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+from slixmpp.xmlstream.xmlstream import NotConnectedError
+
+from xmpp_push.xmpp.errors import (
+    FORBIDDEN_SENDER,
+    OVERLOADED,
+    SHUTTING_DOWN,
+    StanzaError,
+    error_iq,
+    result_iq,
+)
+from xmpp_push.xmpp.publish import NS_PUBSUB, NS_PUSH, PublishRequest, parse_publish
+
+__all__ = ["ComponentSettings", "PublishHandler", "PushComponent"]
+
+log = structlog.get_logger(__name__)
+
+NS_COMPONENT = "jabber:component:accept"
+NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+
+PublishHandler = Callable[[PublishRequest], Awaitable[StanzaError | None]]
+"""Delivers one publish; returns the error to answer with, or None for `result`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentSettings:
+    jid: str
+    secret: str
+    host: str = "127.0.0.1"
+    port: int = 5347
+    allowed_domains: frozenset[str] = frozenset()
+    reconnect: bool = True
+    reconnect_max_delay: float = 30.0
+    max_in_flight: int = 10_000
+
+
+class Backoff:
+    """1 s, 2 s, 4 s, ... up to a ceiling, each with ±25 % jitter so that several
+    components restarted together do not hammer the server in step."""
+
+    def __init__(self, ceiling: float, first: float = 1.0) -> None:
+        self._ceiling = ceiling
+        self._first = first
+        self._next = first
+
+    def next_delay(self) -> float:
+        delay = min(self._next, self._ceiling)
+        self._next = min(self._next * 2, self._ceiling)
+        return delay * (0.75 + random.random() / 2)
+
+    def reset(self) -> None:
+        self._next = self._first
+
+
+class PushComponent(ComponentXMPP):
+    def __init__(self, settings: ComponentSettings, on_publish: PublishHandler) -> None:
+        # ComponentXMPP.__init__ carries no annotations in slixmpp 1.17.
+        super().__init__(settings.jid, settings.secret, settings.host, settings.port)  # type: ignore[no-untyped-call]
+        self._settings = settings
+        self._on_publish = on_publish
+        self._answers: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._backoff = Backoff(settings.reconnect_max_delay)
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self.connected_event = asyncio.Event()
+        """Set while the handshake is done and the link is up (tests and health wait on it)."""
+        self.lost_for_good: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        """Resolved with a reason when the link is down and will not come back."""
+        self.register_handler(
+            Callback(
+                "xmpp-push publish",
+                MatchXPath(f"{{{NS_COMPONENT}}}iq/{{{NS_PUBSUB}}}pubsub"),
+                self._on_pubsub_iq,
+            )
+        )
+        self.register_handler(
+            Callback(
+                "xmpp-push disco#info",
+                MatchXPath(f"{{{NS_COMPONENT}}}iq/{{{NS_DISCO_INFO}}}query"),
+                self._on_disco_info,
+            )
+        )
+        self.add_event_handler("session_start", self._on_session_start)
+        self.add_event_handler("disconnected", self._on_disconnected)
+        self.add_event_handler("stream_error", self._on_stream_error)
+        self.add_event_handler("connection_failed", self._on_connection_failed)
+
+    # -- link ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        log.info(
+            "connecting", jid=self._settings.jid, host=self._settings.host, port=self._settings.port
+        )
+        self.connect()
+
+    def reschedule_connection_attempt(self) -> asyncio.Future[None] | None:
+        # slixmpp doubles its delay up to 300 s; an operator expects the configured ceiling.
+        if self._current_connection_attempt is None:
+            return None
+        if not self._settings.reconnect:
+            self.cancel_connection_attempt()
+            self._give_up("cannot connect and component.reconnect is off")
+            return None
+        self._connect_loop_wait = self._backoff.next_delay()
+        self._current_connection_attempt = asyncio.ensure_future(self._connect_loop())
+        return self._current_connection_attempt
+
+    def _on_session_start(self, _event: Any) -> None:
+        self._backoff.reset()
+        self.connected_event.set()
+        log.info("connected", jid=self._settings.jid)
+
+    def _on_connection_failed(self, reason: Any) -> None:
+        log.warning("connection_failed", reason=str(reason))
+
+    def _on_stream_error(self, error: Any) -> None:
+        condition = error["condition"] if error is not None else "unknown"
+        hint = None
+        if condition == "not-authorized":
+            hint = "the server refused the handshake: check component.secret and component.jid"
+        elif condition == "conflict":
+            hint = "another process is connected as this component"
+        log.error("stream_error", condition=condition, hint=hint)
+
+    def _on_disconnected(self, reason: Any) -> None:
+        was_connected = self.connected_event.is_set()
+        self.connected_event.clear()
+        if self._stopping:
+            return
+        if was_connected:
+            log.warning("disconnected", reason=str(reason) if reason else None)
+        if not self._settings.reconnect:
+            self._give_up("the server closed the link and component.reconnect is off")
+            return
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.create_task(self._reconnect_later())
+
+    async def _reconnect_later(self) -> None:
+        delay = self._backoff.next_delay()
+        log.info("reconnecting", delay=round(delay, 2))
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            self.connect()
+
+    def _give_up(self, reason: str) -> None:
+        log.error("link_lost", reason=reason)
+        if not self.lost_for_good.done():
+            self.lost_for_good.set_result(reason)
+
+    # -- stanzas --------------------------------------------------------------------
+
+    def _send_xml(self, data: str) -> None:
+        try:
+            self.send_raw(data)
+        except NotConnectedError:
+            # The server bounces or drops IQs to a departed component on its own.
+            log.info("reply_dropped", reason="not connected")
+
+    def _on_disco_info(self, iq: Any) -> None:
+        xml: Element = iq.xml
+        if xml.get("type") != "get":
+            return
+        query = xml.find(f"{{{NS_DISCO_INFO}}}query")
+        node = query.get("node") if query is not None else None
+        node_attr = f" node={quoteattr(node)}" if node else ""
+        me = xml.get("to", self._settings.jid)
+        self._send_xml(
+            f"<iq type='result' id={quoteattr(xml.get('id', ''))} "
+            f"to={quoteattr(xml.get('from', ''))} from={quoteattr(me)}>"
+            f"<query xmlns='{NS_DISCO_INFO}'{node_attr}>"
+            "<identity category='pubsub' type='push' name='xmpp-push'/>"
+            f"<feature var='{NS_DISCO_INFO}'/><feature var='{NS_PUSH}'/>"
+            "</query></iq>"
+        )
+
+    def _on_pubsub_iq(self, iq: Any) -> None:
+        xml: Element = iq.xml
+        kind = xml.get("type")
+        if kind in {"result", "error"}:
+            return  # never answer an answer
+        iq_id = xml.get("id", "")
+        sender = xml.get("from", "")
+        me = xml.get("to") or self._settings.jid
+        if kind != "set":
+            self._send_xml(
+                error_iq(iq_id, sender, me, StanzaError("cancel", "feature-not-implemented"))
+            )
+            return
+        if sender not in self._settings.allowed_domains:
+            log.warning("publish_refused", sender=sender, reason="sender not in allowed_domains")
+            self._send_xml(error_iq(iq_id, sender, me, FORBIDDEN_SENDER))
+            return
+        if self._stopping:
+            self._send_xml(error_iq(iq_id, sender, me, SHUTTING_DOWN))
+            return
+        if len(self._answers) >= self._settings.max_in_flight:
+            self._send_xml(error_iq(iq_id, sender, me, OVERLOADED))
+            return
+        pubsub = xml.find(f"{{{NS_PUBSUB}}}pubsub")
+        assert pubsub is not None  # the matcher only lets such IQs through
+        try:
+            request = parse_publish(pubsub)
+        except StanzaError as error:
+            log.info("publish_rejected", sender=sender, error=str(error))
+            self._send_xml(error_iq(iq_id, sender, me, error))
+            return
+        task = asyncio.create_task(self._answer(iq_id, sender, me, request))
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _answer(self, iq_id: str, sender: str, me: str, request: PublishRequest) -> None:
+        try:
+            error = await self._on_publish(request)
+        except asyncio.CancelledError:
+            error = SHUTTING_DOWN
+        except Exception:
+            log.exception("publish_failed", node=request.node)
+            error = StanzaError("wait", "internal-server-error")
+        if error is None:
+            self._send_xml(result_iq(iq_id, sender, me))
+        else:
+            self._send_xml(error_iq(iq_id, sender, me, error))
+        log.debug(
+            "publish_answered",
+            node=request.node,
+            reply="result" if error is None else f"{error.type}/{error.condition}",
+        )
+
+    # -- shutdown -------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        """From now on every publish is answered `wait`: the server keeps the
+        registration and sends the next notification after we are back."""
+        self._stopping = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+
+    async def finish_answers(self, timeout: float) -> None:
+        """Wait for in-flight publishes to be answered; answer the rest `wait`."""
+        pending = set(self._answers)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        for task in pending:
+            task.cancel()  # _answer turns the cancellation into a `wait` reply
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        self.cancel_connection_attempt()
+        if self.transport is not None:
+            await self.disconnect(wait=2.0)
