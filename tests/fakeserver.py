@@ -25,6 +25,8 @@ class FakeXmppServer:
         """Raw XML sent in the same write as `<handshake/>`."""
         self.received: asyncio.Queue[ET.Element] = asyncio.Queue()
         self.handshakes = 0
+        self.connected = asyncio.Event()
+        """Set at each accepted handshake, cleared when the link is cut."""
         self._server: asyncio.Server | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._sessions: set[asyncio.Task[None]] = set()
@@ -45,6 +47,7 @@ class FakeXmppServer:
 
     def drop(self) -> None:
         """Cut the current component connection, as a server restart would."""
+        self.connected.clear()
         if self._writer is not None:
             self._writer.transport.abort()
             self._writer = None
@@ -52,6 +55,9 @@ class FakeXmppServer:
     def send(self, xml: str) -> None:
         assert self._writer is not None, "no component connected"
         self._writer.write(xml.encode())
+
+    async def wait_connected(self, timeout: float = 20.0) -> None:
+        await asyncio.wait_for(self.connected.wait(), timeout)
 
     async def next_stanza(self, timeout: float = 5.0) -> ET.Element:
         return await asyncio.wait_for(self.received.get(), timeout)
@@ -106,6 +112,7 @@ class FakeXmppServer:
                     authenticated = True
                     self.handshakes += 1
                     self._writer = writer
+                    self.connected.set()
                     writer.write(b"<handshake/>" + self.greeting_extra.encode())
                     continue
                 await self.received.put(element)

@@ -1,0 +1,168 @@
+"""Builds the object graph from the config and runs it until SIGTERM.
+
+The one place where the pieces meet: nothing else reads the config or constructs a
+provider, so tests build exactly the pieces they need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from xmpp_push.config import Config
+from xmpp_push.core.appserver import ContentPolicy, PublishPolicy
+from xmpp_push.core.dispatch import Dispatcher, RetryPolicy
+from xmpp_push.core.model import Mode, Priority, Service
+from xmpp_push.core.ports import Provider
+from xmpp_push.providers.apns import ApnsProvider
+from xmpp_push.providers.fcm import FcmProvider
+from xmpp_push.providers.log import LogProvider
+from xmpp_push.xmpp.appserver import AppServer
+from xmpp_push.xmpp.component import ComponentSettings, PushComponent
+
+__all__ = ["Application", "build_application", "build_providers", "run"]
+
+log = structlog.get_logger(__name__)
+
+
+def build_providers(config: Config) -> dict[Service, Provider]:
+    """The real provider for each configured service, the `log` provider otherwise."""
+    providers: dict[Service, Provider] = {}
+    if config.apns.enabled:
+        providers[Service.APNS] = ApnsProvider(
+            key_pem=Path(config.apns.key_file).read_bytes(),
+            key_id=config.apns.key_id,
+            team_id=config.apns.team_id,
+            topic=config.apns.topic,
+            environment=Mode.SANDBOX if config.apns.environment == "sandbox" else Mode.PRODUCTION,
+            endpoint=config.apns.endpoint or None,
+            ca_file=config.apns.ca_file or None,
+            request_timeout=config.apns.request_timeout,
+            connections=config.apns.connections,
+            jwt_lifetime=float(config.apns.jwt_lifetime),
+        )
+    else:
+        providers[Service.APNS] = LogProvider("apns")
+    if config.fcm.enabled:
+        providers[Service.FCM] = FcmProvider(
+            service_account_file=config.fcm.service_account_file,
+            project_id=config.fcm.project_id or None,
+            endpoint=config.fcm.endpoint or None,
+            ca_file=config.fcm.ca_file or None,
+            request_timeout=config.fcm.request_timeout,
+            max_connections=config.fcm.max_connections,
+        )
+    else:
+        providers[Service.FCM] = LogProvider("fcm")
+    return providers
+
+
+@dataclass
+class Application:
+    config: Config
+    providers: dict[Service, Provider]
+    dispatcher: Dispatcher
+    component: PushComponent
+
+    async def shutdown(self) -> None:
+        """Stop taking publishes, let in-flight deliveries finish within
+        `policy.drain_timeout` (the rest are answered `wait`), then close."""
+        self.component.stop_accepting()
+        abandoned = await self.dispatcher.drain(self.config.policy.drain_timeout)
+        await self.component.finish_answers(timeout=2.0)
+        await self.component.close()
+        for provider in self.providers.values():
+            await provider.aclose()
+        log.info("stopped", abandoned=abandoned)
+
+
+def build_application(
+    config: Config, providers: dict[Service, Provider] | None = None
+) -> Application:
+    """Must be called inside a running event loop (slixmpp binds to it)."""
+    policy = config.policy
+    if providers is None:
+        providers = build_providers(config)
+    dispatcher = Dispatcher(
+        providers,
+        RetryPolicy(
+            reply_timeout=policy.reply_timeout,
+            initial_delay=policy.retry_initial_delay,
+            max_delay=policy.retry_max_delay,
+            max_pending=policy.max_pending_retries,
+            quarantine=float(policy.quarantine),
+        ),
+    )
+    default_service = config.component.default_service
+    app_server = AppServer(
+        dispatcher,
+        PublishPolicy(
+            content=ContentPolicy(
+                show_body=policy.show_body,
+                show_sender=policy.show_sender,
+                body_placeholder=policy.body_placeholder,
+            ),
+            default_priority=Priority(policy.default_priority),
+            default_ttl=policy.default_ttl,
+            default_service=Service(default_service) if default_service else None,
+        ),
+    )
+    component = PushComponent(
+        ComponentSettings(
+            jid=config.component.jid,
+            secret=config.component.secret,
+            host=config.component.host,
+            port=config.component.port,
+            allowed_domains=frozenset(config.component.allowed_domains),
+            reconnect=config.component.reconnect,
+            reconnect_max_delay=config.component.reconnect_max_delay,
+        ),
+        app_server,
+    )
+    return Application(config, providers, dispatcher, component)
+
+
+def _announce(config: Config, providers: dict[Service, Provider]) -> None:
+    log.info(
+        "starting",
+        jid=config.component.jid,
+        server=f"{config.component.host}:{config.component.port}",
+        allowed_domains=list(config.component.allowed_domains),
+        providers={service.value: provider.name for service, provider in providers.items()},
+        config=str(config.source) if config.source else None,
+    )
+    if config.component.secret_is_default:
+        log.warning(
+            "default_secret",
+            hint="component.secret is the built-in default; set your own before production",
+        )
+    for service, provider in providers.items():
+        if isinstance(provider, LogProvider):
+            log.warning(
+                "provider_not_configured",
+                service=service.value,
+                hint=f"[{service.value}] has no credentials: pushes are logged, not sent",
+            )
+
+
+async def run(config: Config) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until the link is lost for good (exit 1)."""
+    app = build_application(config)
+    _announce(config, app.providers)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    app.component.start()
+    lost = app.component.lost_for_good
+    lost.add_done_callback(lambda _: stop.set())
+    await stop.wait()
+    log.info("stopping", reason=lost.result() if lost.done() else "signal")
+    await app.shutdown()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+    return 1 if lost.done() else 0
