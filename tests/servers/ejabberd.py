@@ -1,0 +1,423 @@
+"""A throw-away ejabberd 23.01 on loopback ports, for integration tests.
+
+Everything lives in `run_dir`: `etc/` (ejabberd.yml, ejabberdctl.cfg, inetrc),
+`db/` (Mnesia), `log/`, and the Erlang cookie (HOME points there).
+
+How it is run, and why (PROTOCOLS.md §9):
+
+* `ejabberdctl` insists on running as the `ejabberd` user (as root it would `su`).
+  We start it as that user ourselves: the whole process tree then stays in the
+  session we created, so one signal to the group reaches beam too, and no `su`
+  parent is left to linger as `<defunct>`. `run_dir` is therefore owned by
+  `ejabberd`, and its parent directories are made traversable for it.
+* Erlang distribution on a fixed, free port (`ERL_DIST_PORT`) and `ERL_EPMD_PORT`
+  pointing at a closed port: no epmd is started, asked or registered with, so the
+  machine's own epmd (RabbitMQ's, on 4369) is neither needed nor disturbed, and
+  several instances do not collide.
+* `inetrc` resolves `localhost` from a file (no DNS); `s2s_access: none` keeps
+  everything on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import stat
+import subprocess
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from xmpp_push.devtools import (
+    LOOPBACK,
+    ServerError,
+    free_loopback_ports,
+    read_tail,
+    require_binary,
+    stop_process_group,
+    wait_until_listening,
+)
+
+__all__ = ["Ejabberd", "EjabberdOptions"]
+
+INSTALL_HINT = "the Debian package ejabberd"
+SYSTEM_USER = "ejabberd"
+NS_PUSH = "urn:xmpp:push:0"
+STARTED_LINE = " is started in the node "
+
+
+@dataclass(frozen=True)
+class EjabberdOptions:
+    """What a test may vary between two ejabberd instances."""
+
+    domain: str = "localhost"
+    component_jid: str = "push.localhost"
+    component_secret: str = "s3cret-push"
+    delegation: bool = False
+    """XEP-0355 (`urn:xmpp:delegation:1`): the component handles `urn:xmpp:push:0`."""
+    privilege: bool = False
+    """XEP-0356: the component receives every user's presence (`managed_entity`)."""
+    push: bool = True
+    """Load mod_push and mod_push_keepalive."""
+    include_body: bool | str = "New message"
+    """mod_push `include_body`: the text put in `last-message-body`, true for the real
+    body, false for none."""
+    include_sender: bool = False
+    mam: bool = True
+    """With mod_mam, offline publishes come from the MAM hook (PROTOCOLS.md §1.4)."""
+    resume_timeout: int = 300
+    ack_timeout: int = 15
+    loglevel: str = "info"
+    extra_modules: str = ""
+    """YAML for more entries under `modules:`, indented as top-level keys
+    (e.g. "mod_foo:\\n  opt: 1"); indented for you."""
+    code_paths: tuple[str, ...] = ()
+    """Directories with extra `.beam` files, added to Erlang's code path (`-pa`)."""
+
+
+class Ejabberd:
+    """One ejabberd node: `start()`, `register()` (while running), `stop()`, or use it
+    as a context manager. Ports are chosen here and kept across `restart()`."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        options: EjabberdOptions = EjabberdOptions(),
+    ) -> None:
+        self.run_dir = run_dir.resolve()
+        self.options = options
+        self.c2s_port, self.component_port, self.dist_port = free_loopback_ports(3)
+        self.node = f"xmpp-push-{self.dist_port}@localhost"
+        self.etc_dir = self.run_dir / "etc"
+        self.log_dir = self.run_dir / "log"
+        self.db_dir = self.run_dir / "db"
+        self.log_path = self.log_dir / "ejabberd.log"
+        self.console_path = self.run_dir / "ejabberd.console.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    @property
+    def host(self) -> str:
+        return LOOPBACK
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 60) -> None:
+        """Write the config, run `ejabberdctl foreground` in its own session, and return
+        once ejabberd logged that it started and both ports accept connections.
+        (A port taken by someone else makes ejabberd exit, which is reported.)"""
+        if self._process is not None:
+            raise ServerError(f"ejabberd in {self.run_dir} is already started")
+        ejabberdctl = require_binary("ejabberdctl", INSTALL_HINT)
+        self._write_config()
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        deadline = time.monotonic() + timeout
+        with self.console_path.open("ab") as console:
+            self._process = subprocess.Popen(
+                [ejabberdctl, *self._ctl_options(), "foreground"],
+                cwd=self.run_dir,
+                env=self._environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # stop() signals the whole tree, beam included
+                **self._as_system_user(),
+            )
+        try:
+            wait_until_listening(
+                self._process, (self.c2s_port, self.component_port), timeout, self._failure
+            )
+            # Listeners open before the last modules finish starting; this line comes last.
+            while STARTED_LINE not in self._new_log():
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise self._failure("it never logged that it started")
+                time.sleep(0.05)
+        except ServerError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """`ejabberdctl stop` (Mnesia is flushed), then SIGTERM and SIGKILL to whatever is
+        left; reaps everything it started. Idempotent."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                self.ctl("stop", timeout=30)
+                process.wait(20)
+            except (ServerError, subprocess.TimeoutExpired):
+                pass  # the signals below take care of it
+        stop_process_group(process)
+
+    def restart(self, options: EjabberdOptions | None = None) -> None:
+        """Stop, optionally change the options, start again on the same ports and node
+        name (so Mnesia, and with it every account, survives)."""
+        self.stop()
+        if options is not None:
+            self.options = options
+        self.start()
+
+    def register(self, user: str, password: str) -> None:
+        """Create an account (ServerError if it exists); ejabberd must be running.
+        About 0.5 s a call: each `ejabberdctl` boots an Erlang VM."""
+        if not self.running:
+            raise ServerError("ejabberd must be running to register accounts")
+        self.ctl("register", user, self.options.domain, password)
+
+    def ctl(self, *arguments: str, timeout: float = 30) -> str:
+        """Run one `ejabberdctl` command against this node; its output, or ServerError."""
+        ejabberdctl = require_binary("ejabberdctl", INSTALL_HINT)
+        try:
+            done = subprocess.run(
+                [ejabberdctl, *self._ctl_options(), *arguments],
+                cwd=self.run_dir,
+                env=self._environment(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                **self._as_system_user(),
+            )
+        except subprocess.TimeoutExpired as expired:
+            raise ServerError(f"ejabberdctl {arguments[0]} took over {timeout:g} s") from expired
+        if done.returncode != 0:
+            raise ServerError(
+                f"ejabberdctl {' '.join(arguments[:2])} failed ({done.returncode}): "
+                f"{done.stdout.strip()} {done.stderr.strip()}"
+            )
+        output: str = done.stdout
+        return output
+
+    def jid(self, user: str) -> str:
+        return f"{user}@{self.options.domain}"
+
+    def log_text(self) -> str:
+        """ejabberd's log, its error log and anything it printed."""
+        parts = []
+        for path in (self.console_path, self.log_path, self.log_dir / "error.log"):
+            if path.exists():
+                parts.append(path.read_text("utf-8", "replace"))
+        return "\n".join(parts)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return (
+            f"--- {self.console_path.name}\n{read_tail(self.console_path, lines)}\n"
+            f"--- {self.log_path.name}\n{read_tail(self.log_path, lines, start=self._log_start)}"
+        )
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"Ejabberd({str(self.run_dir)!r}, c2s={self.c2s_port}, "
+            f"component={self.component_port}, running={self.running})"
+        )
+
+    def _new_log(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log_file:
+            log_file.seek(self._log_start)
+            return log_file.read().decode("utf-8", "replace")
+
+    def _failure(self, reason: str) -> ServerError:
+        return ServerError(
+            f"ejabberd (c2s port {self.c2s_port}, component port {self.component_port}, "
+            f"run dir {self.run_dir}) did not come up: {reason}\n{self.log_tail()}"
+        )
+
+    def _ctl_options(self) -> list[str]:
+        return [
+            "--config-dir",
+            str(self.etc_dir),
+            "--config",
+            str(self.etc_dir / "ejabberd.yml"),
+            "--ctl-config",
+            str(self.etc_dir / "ejabberdctl.cfg"),
+            "--logs",
+            str(self.log_dir),
+            "--spool",
+            str(self.db_dir),
+        ]
+
+    def _environment(self) -> dict[str, str]:
+        # Inherited Erlang settings (ERL_EPMD_PORT, ERL_FLAGS, ...) could send the node to
+        # the machine's epmd or change its flags; HOME holds this instance's cookie.
+        environment = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("ERL_", "EJABBERD_"))
+        }
+        environment["HOME"] = str(self.run_dir)
+        # With ERL_DIST_PORT every node finds ours without epmd, but beam still tries to
+        # register with an epmd, and would with whichever runs on 4369 (RabbitMQ's here).
+        # Port 1 is privileged, outside the ephemeral range and closed: the attempt is
+        # refused at once and the node carries on (measured on OTP 25).
+        environment["ERL_EPMD_PORT"] = "1"
+        return environment
+
+    def _as_system_user(self) -> dict[str, Any]:
+        """Popen arguments that run ejabberdctl as `ejabberd` (when we are root)."""
+        if os.geteuid() != 0:
+            if pwd.getpwuid(os.geteuid()).pw_name != SYSTEM_USER:
+                raise ServerError(f"ejabberdctl runs only as root or as {SYSTEM_USER!r}")
+            return {}
+        account = pwd.getpwnam(SYSTEM_USER)
+        return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+    def _write_config(self) -> None:
+        for directory in (self.run_dir, self.etc_dir, self.log_dir, self.db_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        (self.etc_dir / "ejabberd.yml").write_text(
+            render_config(self.options, c2s_port=self.c2s_port, component_port=self.component_port)
+        )
+        (self.etc_dir / "ejabberdctl.cfg").write_text(self._ctl_config())
+        (self.etc_dir / "inetrc").write_text(
+            '{lookup,["file"]}.\n{host,{127,0,0,1}, ["localhost"]}.\n'
+        )
+        if os.geteuid() == 0:
+            self._hand_over_to_system_user()
+
+    def _ctl_config(self) -> str:
+        erl_options = ["-env ERL_CRASH_DUMP_BYTES 0"]
+        for path in self.options.code_paths:
+            if any(char.isspace() or char in "\"'$`\\" for char in path):
+                raise ValueError(f"code path must not contain spaces or quotes: {path!r}")
+            erl_options.append(f"-pa {path}")
+        return (
+            "# Written by tests.servers.ejabberd; sourced by ejabberdctl (bash).\n"
+            f"ERLANG_NODE={self.node}\n"
+            f"ERL_DIST_PORT={self.dist_port}\n"
+            f"INET_DIST_INTERFACE={LOOPBACK}\n"
+            f"EJABBERD_PID_PATH={self.run_dir / 'ejabberd.pid'}\n"
+            "EJABBERD_BYPASS_WARNINGS=true\n"
+            f'ERL_OPTIONS="{" ".join(erl_options)}"\n'
+        )
+
+    def _hand_over_to_system_user(self) -> None:
+        account = pwd.getpwnam(SYSTEM_USER)
+        for path in [self.run_dir, *self.run_dir.rglob("*")]:
+            os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+        # pytest's tmp dirs are 0700 root: without search permission on every parent,
+        # ejabberd cannot reach run_dir at all.
+        for parent in self.run_dir.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def render_config(options: EjabberdOptions, *, c2s_port: int, component_port: int) -> str:
+    """The whole ejabberd.yml for these options (strings JSON-quoted: valid YAML)."""
+    q = json.dumps
+    component = q(options.component_jid)
+    lines = [
+        "# Written by tests.servers.ejabberd for a throw-away server; rewritten on start.",
+        "hosts:",
+        f"  - {q(options.domain)}",
+        f"loglevel: {options.loglevel}",
+        "log_rotate_count: 0",
+        "hide_sensitive_log_data: false",
+        "certfiles: []",
+        "acme:",
+        "  auto: false",
+        # Never open outgoing s2s; a missing component then bounces `forbidden` at once.
+        "s2s_access: none",
+        "auth_method: internal",
+        "default_db: mnesia",
+        "listen:",
+        f"  - port: {c2s_port}",
+        f'    ip: "{LOOPBACK}"',
+        "    module: ejabberd_c2s",
+        "    max_stanza_size: 262144",
+        "    shaper: none",
+        "    access: c2s",
+        "    starttls: false",
+        f"  - port: {component_port}",
+        f'    ip: "{LOOPBACK}"',
+        "    module: ejabberd_service",
+        "    access: all",
+        "    shaper: none",
+        "    hosts:",
+        f"      {component}:",
+        f"        password: {q(options.component_secret)}",
+        "acl:",
+        "  local:",
+        '    user_regexp: ""',
+        "  push_component:",
+        f"    server: {component}",
+        "access_rules:",
+        "  local:",
+        "    allow: local",
+        "  c2s:",
+        "    allow: all",
+        "  register:",
+        "    deny: all",
+        "  push_component_rule:",
+        "    allow: push_component",
+        "shaper_rules:",
+        "  max_user_sessions: 10",
+        "  max_user_offline_messages: 5000",
+        "modules:",
+        "  mod_disco: {}",
+        "  mod_roster: {}",
+        "  mod_carboncopy: {}",
+        "  mod_ping: {}",
+        "  mod_client_state: {}",
+        "  mod_offline:",
+        "    access_max_user_messages: max_user_offline_messages",
+        "  mod_stream_mgmt:",
+        f"    resume_timeout: {int(options.resume_timeout)}",
+        f"    ack_timeout: {int(options.ack_timeout)}",
+        "    resend_on_timeout: if_offline",
+    ]
+    if options.mam:
+        lines += [
+            "  mod_mam:",
+            "    db_type: mnesia",
+            "    default: always",
+            "    assume_mam_usage: true",
+        ]
+    if options.push:
+        include_body = (
+            q(options.include_body)
+            if isinstance(options.include_body, str)
+            else str(options.include_body).lower()
+        )
+        lines += [
+            "  mod_push:",
+            f"    include_body: {include_body}",
+            f"    include_sender: {str(options.include_sender).lower()}",
+            "  mod_push_keepalive: {}",
+        ]
+    if options.delegation:
+        lines += [
+            "  mod_delegation:",
+            "    namespaces:",
+            f"      {q(NS_PUSH)}:",
+            "        access: push_component_rule",
+        ]
+    if options.privilege:
+        lines += [
+            "  mod_privilege:",
+            "    presence:",
+            "      managed_entity: push_component_rule",
+        ]
+    lines += ["  " + line for line in options.extra_modules.splitlines()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,289 @@
+"""A small XMPP client that behaves like a phone app, for tests and `xmpp-push demo`.
+
+It logs in over plain TCP on a loopback port (the throw-away servers speak no TLS),
+enables and disables XEP-0357 push, sends and receives messages, and logs out
+cleanly or drops its connection like a phone losing its network.
+
+    alice = await XmppClient.connect("alice@localhost", "pw", "127.0.0.1", prosody.c2s_port)
+    await alice.enable_push("push.localhost", "n1", {"service": "apns", "device_id": "ab12"})
+    await alice.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Self
+from xml.etree.ElementTree import Element, SubElement
+
+from slixmpp import JID, ClientXMPP, Iq, Message
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.plugins.xep_0004.stanza import Form
+from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+
+__all__ = [
+    "NS_PUSH",
+    "PUBLISH_OPTIONS",
+    "PushDisable",
+    "PushEnable",
+    "ReceivedMessage",
+    "XmppClient",
+    "XmppClientError",
+    "XmppStanzaError",
+]
+
+NS_PUSH = "urn:xmpp:push:0"
+NS_PING = "urn:xmpp:ping"
+MessageType = Literal["chat", "normal", "headline", "groupchat"]
+PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
+
+
+class PushEnable(ElementBase):
+    """XEP-0357 `<enable jid='push.example.org' node='n1'>` with an optional
+    publish-options form, which the user's server echoes in every publish."""
+
+    name = "enable"
+    namespace = NS_PUSH
+    plugin_attrib = "push_enable"
+    interfaces: ClassVar[set[str]] = {"jid", "node"}
+
+
+class PushDisable(ElementBase):
+    """XEP-0357 `<disable jid='push.example.org' [node='n1']/>`; without a node, every
+    registration of the account for that push service goes."""
+
+    name = "disable"
+    namespace = NS_PUSH
+    plugin_attrib = "push_disable"
+    interfaces: ClassVar[set[str]] = {"jid", "node"}
+
+
+register_stanza_plugin(Iq, PushEnable)
+register_stanza_plugin(Iq, PushDisable)
+register_stanza_plugin(PushEnable, Form)
+
+
+class XmppClientError(Exception):
+    """Login, connection or protocol trouble in the test client."""
+
+
+class XmppStanzaError(XmppClientError):
+    """The server answered an IQ with an error; `condition` is e.g. `item-not-found`."""
+
+    def __init__(self, condition: str, error_type: str, text: str, stanza: Element) -> None:
+        super().__init__(f"{error_type}/{condition}" + (f": {text}" if text else ""))
+        self.condition = condition
+        self.error_type = error_type
+        self.text = text
+        self.stanza = stanza
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    sender: str
+    """The full JID the server stamped in `from`."""
+    body: str
+    """Empty for body-less messages (chat states, receipts)."""
+    type: str
+    xml: Element
+
+
+class _Session(ClientXMPP):
+    """slixmpp's client, set up for the throw-away servers: plain TCP, SCRAM without
+    TLS, no DNS."""
+
+    def __init__(self, jid: str, password: str, *, stream_management: bool) -> None:
+        super().__init__(jid, password)
+        # The servers listen on custom ports without TLS (PROTOCOLS.md §8): no direct
+        # TLS attempt, and SCRAM over plaintext must be allowed explicitly.
+        self.enable_direct_tls = False
+        self.plugin["feature_mechanisms"].unencrypted_scram = True
+        self.use_ipv6 = False
+        if stream_management:
+            self.register_plugin("xep_0198")
+
+
+class XmppClient:
+    """One logged-in account. Make it with `await XmppClient.connect(...)`."""
+
+    def __init__(self, session: _Session, *, stream_management: bool) -> None:
+        self._session = session
+        self.stream_management = stream_management
+        self._messages: asyncio.Queue[ReceivedMessage] = asyncio.Queue()
+        session.add_event_handler("message", self._on_message)
+
+    @classmethod
+    async def connect(
+        cls,
+        jid: str,
+        password: str,
+        host: str,
+        port: int,
+        *,
+        stream_management: bool = False,
+        timeout: float = 15.0,
+    ) -> XmppClient:
+        """Log in, bind a resource, (with `stream_management`) enable resumable XEP-0198,
+        and send initial presence, so that messages reach this session and not
+        offline storage. Raises XmppClientError on a refused login or connection."""
+        session = _Session(jid, password, stream_management=stream_management)
+        client = cls(session, stream_management=stream_management)
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def succeed(_event: Any) -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        def fail(reason: str) -> Callable[[Any], None]:
+            def handler(event: Any) -> None:
+                if not ready.done():
+                    ready.set_exception(XmppClientError(f"{jid} at {host}:{port}: {reason}"))
+                _ = event
+
+            return handler
+
+        if stream_management:
+            session.add_event_handler("sm_enabled", succeed)
+            session.add_event_handler("sm_failed", fail("the server refused stream management"))
+        else:
+            session.add_event_handler("session_start", succeed)
+        session.add_event_handler("failed_all_auth", fail("authentication failed"))
+        session.add_event_handler("connection_failed", fail("connection failed"))
+        session.add_event_handler("stream_error", fail("stream error"))
+        session.add_event_handler("disconnected", fail("disconnected during login"))
+        session.connect(host, port)
+        try:
+            await asyncio.wait_for(ready, timeout)
+            session.send_presence()
+            # A ping round trip on the same stream: once it is answered, the server has
+            # processed the presence too, so a message sent to this account from now on
+            # reaches this session instead of offline storage.
+            ping = session.make_iq_get()
+            SubElement(ping.xml, f"{{{NS_PING}}}ping")
+            await client._request(ping, timeout)
+        except BaseException:
+            await client._shut_down(wait=0)
+            raise
+        return client
+
+    @property
+    def jid(self) -> str:
+        """The full JID the server bound."""
+        full: str = self._session.boundjid.full
+        return full
+
+    async def enable_push(
+        self, jid: str, node: str, fields: Mapping[str, str], *, timeout: float = 10.0
+    ) -> Element:
+        """Send XEP-0357 `<enable/>` with `fields` as a submitted publish-options form;
+        returns the `result` IQ, raises XmppStanzaError with the server's condition."""
+        iq = self._session.make_iq_set()
+        enable = iq["push_enable"]
+        enable["jid"] = jid
+        enable["node"] = node
+        if fields:
+            form = enable["form"]
+            form["type"] = "submit"
+            # No type on FORM_TYPE: the shape apps send (PROTOCOLS.md §1.1).
+            form.add_field(var="FORM_TYPE", value=PUBLISH_OPTIONS)
+            for var, value in fields.items():
+                form.add_field(var=var, value=value)
+        return await self._request(iq, timeout)
+
+    async def disable_push(
+        self, jid: str, node: str | None = None, *, timeout: float = 10.0
+    ) -> Element:
+        """Send XEP-0357 `<disable/>`; without `node`, for every node of that push JID."""
+        iq = self._session.make_iq_set()
+        disable = iq["push_disable"]
+        disable["jid"] = jid
+        if node is not None:
+            disable["node"] = node
+        return await self._request(iq, timeout)
+
+    async def send_message(self, to: str, body: str, *, message_type: MessageType = "chat") -> None:
+        self._session.send_message(mto=JID(to), mbody=body, mtype=message_type)
+        # Hand control to slixmpp's writer so the stanza leaves before we return.
+        await asyncio.sleep(0)
+
+    async def wait_for_message(self, timeout: float = 10.0) -> ReceivedMessage:
+        """The next message stanza this session received (TimeoutError if none)."""
+        return await asyncio.wait_for(self._messages.get(), timeout)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Log out cleanly: `</stream:stream>`, then wait for the server's. The server
+        ends the session at once (no hibernation, even with stream management)."""
+        await self._shut_down(wait=timeout)
+
+    async def abort(self) -> None:
+        """Drop the TCP connection with a RST, without closing the stream: a phone that
+        lost its network. With stream management the server keeps the session
+        (Prosody: hibernated, ejabberd: pending)."""
+        transport = self._session.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                # SO_LINGER 0: close() sends RST instead of FIN (PROTOCOLS.md §9).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await self._shut_down(wait=0)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _request(self, iq: Any, timeout: float) -> Element:
+        try:
+            result = await iq.send(timeout=timeout)
+        except IqError as error:
+            stanza = error.iq
+            raise XmppStanzaError(
+                stanza["error"]["condition"],
+                stanza["error"]["type"],
+                stanza["error"]["text"],
+                stanza.xml,
+            ) from None
+        except IqTimeout:
+            raise TimeoutError(f"no answer to IQ {iq['id']} within {timeout:g} s") from None
+        reply: Element = result.xml
+        return reply
+
+    def _on_message(self, message: Message) -> None:
+        self._messages.put_nowait(
+            ReceivedMessage(
+                sender=str(message["from"]),
+                body=str(message["body"]),
+                type=str(message["type"]),
+                xml=message.xml,
+            )
+        )
+
+    async def _shut_down(self, *, wait: float) -> None:
+        session = self._session
+        session.cancel_connection_attempt()
+        if wait > 0 and session.transport is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(session.disconnect(wait=wait), wait + 1)
+        session.abort()
+        # slixmpp leaves its outgoing-filter task running after a disconnect; cancel it
+        # here, or the event loop reports "Task was destroyed but it is pending!".
+        pending = session._run_out_filters
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+        session._run_out_filters = None
+        # Timers (keepalives, IQ timeouts) would otherwise fire into a closed stream.
+        for name in list(session.scheduled_events):
+            session.cancel_schedule(name)
