@@ -393,6 +393,13 @@ class ComponentConfig:
         as a device token of this service (as fpush does). Empty: the node must be a
         registration made earlier.""",
     )
+    aliases: tuple[str, ...] = _key(
+        (),
+        """Other JIDs clients may name in `<enable jid='...'/>` for this component (an old
+        push service's address, say). Enables naming any other JID are kept as forward
+        registrations to that app server.""",
+        _domain_list,
+    )
 
     @property
     def secret_is_default(self) -> bool:
@@ -410,6 +417,9 @@ class StorageConfig:
         A relative SQLite path is relative to the working directory.""",
         _database_url,
         sensitive=True,
+    )
+    pool_size: int = _key(
+        8, "Database connections kept open (PostgreSQL, MySQL).", _between(1, 200)
     )
 
 
@@ -588,6 +598,12 @@ class PolicyConfig:
         10.0,
         "Seconds SIGTERM waits for in-flight deliveries before the process exits.",
         _at_least(0),
+    )
+    max_registrations_per_user: int = _key(
+        10,
+        """Most direct-mode registrations one user may hold; an enable beyond it drops the
+        user's least recently enabled one (logged).""",
+        _between(1, 1000),
     )
 
 
