@@ -245,3 +245,23 @@ async def test_component_restart_keeps_prosody_registrations(
         await send_from_new_user(setup, alice, "back again")
         [delivered] = await apns.wait_for_requests(1, timeout=10)
     assert delivered.token == token
+
+
+async def test_component_reconnects_when_prosody_restarts_and_pushes_again(
+    make_prosody: Callable[..., Any], tmp_path: Path, apns: ApnsStandIn
+) -> None:
+    server = make_prosody()
+    options = server.options
+    setup = Setup(
+        "prosody", server, options.domain, options.component_jid, options.component_secret, tmp_path
+    )
+    token = apns_token(next(_user_numbers))
+    alice = setup.new_user()
+    async with running_component(component_for(setup, apns=apns)) as app:
+        await asyncio.to_thread(server.restart)
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(app.component.connected_event.wait(), 15)
+        await enable_and_go_offline(setup, alice, {"service": "apns", "device_id": token})
+        await send_from_new_user(setup, alice)
+        [request] = await apns.wait_for_requests(1, timeout=10)
+    assert request.token == token
