@@ -1,0 +1,1 @@
+"""Tests of the registration stores against real databases."""
