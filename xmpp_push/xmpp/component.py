@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from xml.etree.ElementTree import Element
 from xml.sax.saxutils import quoteattr
 
@@ -41,6 +41,9 @@ NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 
 PublishHandler = Callable[[PublishRequest], Awaitable[StanzaError | None]]
 """Delivers one publish; returns the error to answer with, or None for `result`."""
+
+StanzaHandler = Callable[[Element], None]
+"""Takes the raw element of one incoming stanza (see `PushComponent.add_handler`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,49 @@ class PushComponent(ComponentXMPP):
         if not self.lost_for_good.done():
             self.lost_for_good.set_result(reason)
 
+    # -- extension points (direct mode plugs in here) -----------------------------------
+
+    @property
+    def settings(self) -> ComponentSettings:
+        return self._settings
+
+    def add_handler(
+        self,
+        name: str,
+        stanza: Literal["iq", "message"],
+        child: str,
+        handler: StanzaHandler,
+    ) -> None:
+        """Hand each `iq` or `message` with a child element `child` ("{namespace}tag") to
+        `handler` as raw ElementTree. The handler answers through `send_answer`."""
+        self.register_handler(
+            Callback(
+                name,
+                MatchXPath(f"{{{NS_COMPONENT}}}{stanza}/{child}"),
+                lambda stanza_object: handler(stanza_object.xml),
+            )
+        )
+
+    def send_answer(self, data: str) -> None:
+        """Send one pre-built stanza; dropped (and logged) while the link is down."""
+        self._send_xml(data)
+
+    def refusal(self) -> StanzaError | None:
+        """The `wait` error to answer a request with while shutting down or while
+        `max_in_flight` answers are pending; None when one more can be taken."""
+        if self._stopping:
+            return SHUTTING_DOWN
+        if len(self._answers) >= self._settings.max_in_flight:
+            return OVERLOADED
+        return None
+
+    def start_answer(self, answer: Coroutine[Any, Any, None]) -> None:
+        """Run `answer` as one of the component's in-flight answers: it counts against
+        `max_in_flight`, and `finish_answers` waits for it, then cancels it."""
+        task = asyncio.create_task(answer)
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
     # -- stanzas --------------------------------------------------------------------
 
     def _send_xml(self, data: str) -> None:
@@ -211,11 +257,9 @@ class PushComponent(ComponentXMPP):
             log.warning("publish_refused", sender=sender, reason="sender not in allowed_domains")
             self._send_xml(error_iq(iq_id, sender, me, FORBIDDEN_SENDER))
             return
-        if self._stopping:
-            self._send_xml(error_iq(iq_id, sender, me, SHUTTING_DOWN))
-            return
-        if len(self._answers) >= self._settings.max_in_flight:
-            self._send_xml(error_iq(iq_id, sender, me, OVERLOADED))
+        refusal = self.refusal()
+        if refusal is not None:
+            self._send_xml(error_iq(iq_id, sender, me, refusal))
             return
         pubsub = xml.find(f"{{{NS_PUBSUB}}}pubsub")
         assert pubsub is not None  # the matcher only lets such IQs through
@@ -225,9 +269,7 @@ class PushComponent(ComponentXMPP):
             log.info("publish_rejected", sender=sender, error=str(error))
             self._send_xml(error_iq(iq_id, sender, me, error))
             return
-        task = asyncio.create_task(self._answer(iq_id, sender, me, request))
-        self._answers.add(task)
-        task.add_done_callback(self._answers.discard)
+        self.start_answer(self._answer(iq_id, sender, me, request))
 
     async def _answer(self, iq_id: str, sender: str, me: str, request: PublishRequest) -> None:
         try:
@@ -257,7 +299,8 @@ class PushComponent(ComponentXMPP):
             self._reconnect_task.cancel()
 
     async def finish_answers(self, timeout: float) -> None:
-        """Wait for in-flight publishes to be answered; answer the rest `wait`."""
+        """Wait for in-flight answers (publishes, and whatever `start_answer` runs);
+        cancel the rest, which answer `wait`."""
         pending = set(self._answers)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=timeout)

@@ -1,0 +1,42 @@
+"""Servers only the integration tests need, on top of those in tests/conftest.py.
+
+| fixture | scope | gives |
+|---|---|---|
+| `ejabberd_delegation_server` | session | ejabberd whose mod_delegation hands |
+| | | `urn:xmpp:push:0` to `push.localhost` (XEP-0355, `urn:xmpp:delegation:1`); |
+| | | the accounts in `tests.servers.USERS` |
+
+Booted once per run (ejabberd takes seconds to start). Every test that connects a
+component gets the delegation anew: ejabberd drops it when a component leaves and
+grants it again on the next connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import COMPONENT_JID, DOMAIN, USERS, require_server
+from tests.servers.ejabberd import Ejabberd, EjabberdOptions
+
+
+@pytest.fixture(scope="session")
+def ejabberd_delegation_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ejabberd]:
+    require_server("ejabberdctl", "ejabberd")
+    server = Ejabberd(
+        tmp_path_factory.mktemp("ejabberd-delegation"),
+        EjabberdOptions(
+            domain=DOMAIN,
+            component_jid=COMPONENT_JID,
+            component_secret="s3cret-ed",
+            delegation=True,
+        ),
+    )
+    try:
+        server.start()
+        for user, password in USERS.items():
+            server.register(user, password)
+        yield server
+    finally:
+        server.stop()
