@@ -13,8 +13,9 @@ from pathlib import Path
 
 from tests.standins.apns import ApnsStandIn
 from tests.standins.fcm import FcmStandIn
-from xmpp_push.app import Application, build_application
+from xmpp_push.app import Application, build_application, open_configured_store
 from xmpp_push.config import Config, load_config
+from xmpp_push.core.registrations import RegistrationStore
 
 __all__ = ["component_config", "running_component", "toml_value"]
 
@@ -41,6 +42,7 @@ def component_config(
     apns_options: Mapping[str, object] | None = None,
     component: Mapping[str, object] | None = None,
     policy: Mapping[str, object] | None = None,
+    storage_url: str | None = None,
 ) -> Config:
     """Write an xmpp-push.toml pointing at the given server and stand-ins; load it."""
     sections: dict[str, dict[str, object]] = {
@@ -53,6 +55,7 @@ def component_config(
             **(component or {}),
         },
         "policy": {"reply_timeout": 3.0, "retry_initial_delay": 0.1, **(policy or {})},
+        "storage": {"url": storage_url or f"sqlite+aiosqlite:///{directory / 'registrations.db'}"},
         "log": {"level": "debug"},
     }
     if apns is not None:
@@ -83,9 +86,14 @@ def component_config(
 
 
 @contextlib.asynccontextmanager
-async def running_component(config: Config, *, wait: bool = True) -> AsyncIterator[Application]:
-    """Start the component; yield once it is connected; shut it down cleanly after."""
-    app = build_application(config)
+async def running_component(
+    config: Config, *, store: RegistrationStore | None = None, wait: bool = True
+) -> AsyncIterator[Application]:
+    """Start the component (on the configured store unless one is given); yield once it
+    is connected; shut it down cleanly (closing the store) after."""
+    if store is None:
+        store = await open_configured_store(config)
+    app = build_application(config, store)
     app.component.start()
     try:
         if wait:

@@ -15,16 +15,21 @@ import structlog
 
 from xmpp_push.config import Config
 from xmpp_push.core.appserver import ContentPolicy, PublishPolicy
+from xmpp_push.core.direct import DirectMode
 from xmpp_push.core.dispatch import Dispatcher, RetryPolicy
 from xmpp_push.core.model import Mode, Priority, Service
 from xmpp_push.core.ports import Provider
+from xmpp_push.core.registrations import RegistrationStore
 from xmpp_push.providers.apns import ApnsProvider
 from xmpp_push.providers.fcm import FcmProvider
 from xmpp_push.providers.log import LogProvider
+from xmpp_push.storage import MigratePolicy, SqlStore, open_store
+from xmpp_push.storage.migrate import safe_url
 from xmpp_push.xmpp.appserver import AppServer
 from xmpp_push.xmpp.component import ComponentSettings, PushComponent
+from xmpp_push.xmpp.delegation import DelegationHandler, install_direct_mode
 
-__all__ = ["Application", "build_application", "build_providers", "run"]
+__all__ = ["Application", "build_application", "build_providers", "open_configured_store", "run"]
 
 log = structlog.get_logger(__name__)
 
@@ -61,12 +66,31 @@ def build_providers(config: Config) -> dict[Service, Provider]:
     return providers
 
 
+async def open_configured_store(
+    config: Config, *, migrate: MigratePolicy = MigratePolicy.AUTO, cache: bool = True
+) -> SqlStore:
+    """The registration store of `[storage]`. Raises `xmpp_push.storage.SchemaOutOfDate`
+    when a PostgreSQL/MySQL schema is behind the code, `StorageUnavailable` when the
+    database cannot be reached."""
+    return await open_store(
+        config.storage.url,
+        pool_size=config.storage.pool_size,
+        migrate=migrate,
+        # One-shot commands (the CLI) keep no cache; their writes still notify the
+        # running services.
+        **({} if cache else {"cache_size": 0}),
+    )
+
+
 @dataclass
 class Application:
     config: Config
     providers: dict[Service, Provider]
     dispatcher: Dispatcher
     component: PushComponent
+    store: RegistrationStore
+    direct_mode: DirectMode
+    delegation: DelegationHandler
 
     async def shutdown(self) -> None:
         """Stop taking publishes, let in-flight deliveries finish within
@@ -77,11 +101,14 @@ class Application:
         await self.component.close()
         for provider in self.providers.values():
             await provider.aclose()
+        await self.store.close()
         log.info("stopped", abandoned=abandoned)
 
 
 def build_application(
-    config: Config, providers: dict[Service, Provider] | None = None
+    config: Config,
+    store: RegistrationStore,
+    providers: dict[Service, Provider] | None = None,
 ) -> Application:
     """Must be called inside a running event loop (slixmpp binds to it)."""
     policy = config.policy
@@ -123,7 +150,13 @@ def build_application(
         ),
         app_server,
     )
-    return Application(config, providers, dispatcher, component)
+    direct_mode = DirectMode(
+        store,
+        own_jids=frozenset({config.component.jid, *config.component.aliases}),
+        max_per_owner=policy.max_registrations_per_user,
+    )
+    delegation = install_direct_mode(component, direct_mode)
+    return Application(config, providers, dispatcher, component, store, direct_mode, delegation)
 
 
 def _announce(config: Config, providers: dict[Service, Provider]) -> None:
@@ -134,6 +167,7 @@ def _announce(config: Config, providers: dict[Service, Provider]) -> None:
         allowed_domains=list(config.component.allowed_domains),
         providers={service.value: provider.name for service, provider in providers.items()},
         config=str(config.source) if config.source else None,
+        storage=safe_url(config.storage.url),
     )
     if config.component.secret_is_default:
         log.warning(
@@ -150,8 +184,12 @@ def _announce(config: Config, providers: dict[Service, Provider]) -> None:
 
 
 async def run(config: Config) -> int:
-    """Run until SIGTERM/SIGINT (exit 0) or until the link is lost for good (exit 1)."""
-    app = build_application(config)
+    """Run until SIGTERM/SIGINT (exit 0) or until the link is lost for good (exit 1).
+
+    Storage problems propagate (`xmpp_push.storage.StorageError`): the CLI turns them
+    into exit codes."""
+    store = await open_configured_store(config)
+    app = build_application(config, store)
     _announce(config, app.providers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

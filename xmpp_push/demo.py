@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from xmpp_push.app import build_application
+from xmpp_push.app import build_application, open_configured_store
 from xmpp_push.config import load_config
 from xmpp_push.core.model import Push, Service
 from xmpp_push.core.ports import Provider
@@ -87,6 +87,8 @@ async def _demo(run_dir: Path) -> int:
             'jid = "push.localhost"\n'
             f'secret = "{secret}"\n'
             f"port = {prosody.component_port}\n"
+            "[storage]\n"
+            f'url = "sqlite+aiosqlite:///{run_dir / "registrations.db"}"\n'
             "[policy]\n"
             "# Demo only: by default bodies and senders are not sent to Apple/Google.\n"
             "show_body = true\n"
@@ -99,7 +101,8 @@ async def _demo(run_dir: Path) -> int:
         configure_logging(config.log.level, config.log.format, stream=sys.stdout)
         apns = _RecordingLogProvider("apns")
         providers: dict[Service, Provider] = {Service.APNS: apns, Service.FCM: LogProvider("fcm")}
-        app = build_application(config, providers)
+        store = await open_configured_store(config)
+        app = build_application(config, store, providers)
         _say("starting the xmpp-push component with the log provider (no APNs key needed)")
         app.component.start()
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from xmpp_push.core.model import Device, InvalidDevice, Mode, Priority, Service
+from xmpp_push.core.model import Content, Device, InvalidDevice, Mode, Priority, Push, Service
 
 __all__ = [
     "EnableOutcome",
@@ -23,6 +23,7 @@ __all__ = [
     "RegistrationRequest",
     "RegistrationStore",
     "Target",
+    "push_for",
 ]
 
 
@@ -189,3 +190,31 @@ class RegistrationStore(Protocol):
     async def count(self) -> int: ...
 
     async def close(self) -> None: ...
+
+
+def push_for(
+    registration: Registration,
+    content: Content,
+    *,
+    default_priority: Priority,
+    default_silent: bool,
+    ttl: int,
+    now: float,
+) -> Push | None:
+    """The push for one registration, with the precedence operators rely on:
+    operator setting > client's enable > policy default. None for a FORWARD target."""
+    device = registration.device()
+    if device is None:
+        return None
+    options = registration.options
+    return Push(
+        device=device,
+        content=content,
+        priority=registration.priority(default_priority),
+        silent=registration.silent(default_silent),
+        ttl=ttl,
+        created_at=now,
+        sound=options.get("sound") or None,
+        mutable_content=options.get("mutable_content", "true").lower() not in {"false", "0"},
+        click_action=options.get("click_action") or None,
+    )
