@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from xmpp_push.config import Config
+from xmpp_push.config import Config, ConfigError
 from xmpp_push.core.appserver import ContentPolicy, PublishPolicy
 from xmpp_push.core.direct import DirectMode
 from xmpp_push.core.dispatch import Dispatcher, RetryPolicy
@@ -37,6 +37,19 @@ log = structlog.get_logger(__name__)
 def build_providers(config: Config) -> dict[Service, Provider]:
     """The real provider for each configured service, the `log` provider otherwise."""
     providers: dict[Service, Provider] = {}
+    try:
+        _build_real_providers(config, providers)
+    except ValueError as error:
+        # The config rules catch what they can; whatever a provider still refuses is a
+        # configuration problem too (exit 2), not a crash to restart in a loop.
+        failed = "apns" if config.apns.enabled and Service.APNS not in providers else "fcm"
+        raise ConfigError(failed, str(error)) from None
+    providers.setdefault(Service.APNS, LogProvider("apns"))
+    providers.setdefault(Service.FCM, LogProvider("fcm"))
+    return providers
+
+
+def _build_real_providers(config: Config, providers: dict[Service, Provider]) -> None:
     if config.apns.enabled:
         providers[Service.APNS] = ApnsProvider(
             key_pem=Path(config.apns.key_file).read_bytes(),
@@ -50,8 +63,6 @@ def build_providers(config: Config) -> dict[Service, Provider]:
             connections=config.apns.connections,
             jwt_lifetime=float(config.apns.jwt_lifetime),
         )
-    else:
-        providers[Service.APNS] = LogProvider("apns")
     if config.fcm.enabled:
         providers[Service.FCM] = FcmProvider(
             service_account_file=config.fcm.service_account_file,
@@ -61,9 +72,6 @@ def build_providers(config: Config) -> dict[Service, Provider]:
             request_timeout=config.fcm.request_timeout,
             max_connections=config.fcm.max_connections,
         )
-    else:
-        providers[Service.FCM] = LogProvider("fcm")
-    return providers
 
 
 async def open_configured_store(
@@ -188,8 +196,9 @@ async def run(config: Config) -> int:
 
     Storage problems propagate (`xmpp_push.storage.StorageError`): the CLI turns them
     into exit codes."""
+    providers = build_providers(config)
     store = await open_configured_store(config)
-    app = build_application(config, store)
+    app = build_application(config, store, providers)
     _announce(config, app.providers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

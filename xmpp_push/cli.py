@@ -137,6 +137,9 @@ def _run_async(command: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return asyncio.run(command())
     except KeyboardInterrupt:
         return EXIT_OK
+    except ConfigError as error:
+        print(f"xmpp-push: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     except SchemaOutOfDate as error:
         print(f"xmpp-push: {error}", file=sys.stderr)
         return EXIT_CONFIG

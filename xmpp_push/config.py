@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_FILE_NAME",
@@ -290,10 +293,20 @@ _PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:EC )?PRIVATE KEY-----")
 
 
 def _check_pem_private_key(value: str) -> None:
+    data = _read_file(value)
     _require(
-        _PEM_PRIVATE_KEY.search(_read_file(value)) is not None,
+        _PEM_PRIVATE_KEY.search(data) is not None,
         f"{value} does not look like a PEM private key "
         "(expected Apple's .p8 file, starting with -----BEGIN PRIVATE KEY-----)",
+    )
+    # What `run` would do with it: a key that passes here must sign JWTs there.
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as error:
+        raise _Rejected(f"{value} cannot be loaded as a private key: {error}") from None
+    _require(
+        isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1",
+        f"{value} is not an EC P-256 key (APNs token keys are ES256 .p8 files)",
     )
 
 
@@ -311,6 +324,10 @@ def _service_account(value: str) -> dict[str, Any]:
     )
     missing = [name for name in _SERVICE_ACCOUNT_FIELDS if not isinstance(document.get(name), str)]
     _require(not missing, f"{value} lacks {', '.join(missing)}")
+    try:
+        serialization.load_pem_private_key(document["private_key"].encode(), password=None)
+    except (ValueError, TypeError) as error:
+        raise _Rejected(f"{value}: its private_key cannot be loaded: {error}") from None
     return dict(document)
 
 
@@ -318,6 +335,22 @@ def _check_service_account(value: str) -> None:
     _service_account(value)
 
 
+_APPLE_ID = re.compile(r"[A-Z0-9]{10}")
+
+
+def _check_apple_id(value: str) -> None:
+    _require(
+        not value or _APPLE_ID.fullmatch(value) is not None,
+        f"{value!r} is not 10 capital letters or digits, as Apple's IDs are",
+    )
+
+
+def _check_http_not_yet(value: str) -> None:
+    _require(not value, "the HTTP listener is not available in this version; leave it empty")
+
+
+_http_not_yet = Rule("empty (the HTTP API comes in a later version)", _check_http_not_yet)
+_apple_id = Rule("empty, or 10 capital letters or digits", _check_apple_id)
 _readable_file = Rule("a readable file", _check_readable_file)
 _pem_private_key = Rule("a readable PEM private key file (Apple's `.p8`)", _check_pem_private_key)
 _service_account_file = Rule("a readable Google service account JSON file", _check_service_account)
@@ -437,8 +470,12 @@ class ApnsConfig:
         _optional(_pem_private_key),
         is_path=True,
     )
-    key_id: str = _key("", "Key ID of that key (10 characters). Required with `key_file`.")
-    team_id: str = _key("", "Apple developer team ID. Required with `key_file`.")
+    key_id: str = _key(
+        "", "Key ID of that key (10 characters). Required with `key_file`.", _apple_id
+    )
+    team_id: str = _key(
+        "", "Apple developer team ID (10 characters). Required with `key_file`.", _apple_id
+    )
     topic: str = _key(
         "",
         """Bundle ID of the app (`apns-topic`) for devices whose registration or publish
@@ -521,8 +558,11 @@ class HttpConfig:
 
     listen: str = _key(
         "",
-        "Address to listen on, `host:port`. Empty: no HTTP listener.",
+        """Address to listen on, `host:port`. Empty: no HTTP listener. The HTTP API is
+        not in this version yet: anything but empty is refused, so nobody relies on a
+        listener that is not there.""",
         _optional(_listen),
+        _http_not_yet,
     )
     token: str = _key(
         "",
@@ -921,6 +961,19 @@ def _check_rules(key: Key, setting: _Setting) -> None:
             raise ConfigError(key.dotted, f"{error}{origin}") from None
 
 
+def _normalise_domain(text: str) -> str:
+    return text.strip().encode("idna").decode("ascii").lower()
+
+
+def _normalise_domains(component: dict[str, Any]) -> None:
+    """Servers send `from` in canonical (lower-case, ASCII) form; compare against the
+    same, or a `Push.Example.org` in the file makes every publish look foreign, and
+    ejabberd deletes a registration at the first `forbidden`."""
+    component["jid"] = _normalise_domain(component["jid"])
+    for key in ("allowed_domains", "aliases"):
+        component[key] = tuple(_normalise_domain(domain) for domain in component[key])
+
+
 def _derive_allowed_domains(component: dict[str, Any]) -> None:
     if component["allowed_domains"]:
         return
@@ -982,6 +1035,7 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
         _check_rules(key, setting)
         values[key.section][key.name] = setting.value
 
+    _normalise_domains(values["component"])
     _derive_allowed_domains(values["component"])
     _check_apns_complete(values["apns"])
     _derive_fcm_project(values["fcm"])

@@ -18,27 +18,22 @@ from xmpp_push.core.model import redact_token
 
 __all__ = ["configure_logging", "redact_secrets"]
 
-_SENSITIVE = frozenset(
-    {
-        "token",
-        "device_id",
-        "device_token",
-        "voip_token",
-        "secret",
-        "password",
-        "authorization",
-        "jwt",
-        "access_token",
-        "private_key",
-    }
-)
+_TOKENS = frozenset({"token", "device_id", "device_token", "voip_token", "node"})
+"""Shown as the first and last four characters, enough to tell two apart. `node` is
+here because with `component.default_service` the node is the device token."""
+_SECRETS = frozenset({"secret", "password", "authorization", "jwt", "access_token", "private_key"})
+"""Never shown at all."""
 
 
 def redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key, value in event_dict.items():
-        if key in _SENSITIVE and isinstance(value, str) and "…" not in value:
+        if not isinstance(value, str):
+            continue
+        if key in _SECRETS:
+            event_dict[key] = "…"
+        elif key in _TOKENS and "…" not in value:
             event_dict[key] = redact_token(value)
     return event_dict
 

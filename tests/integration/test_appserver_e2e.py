@@ -154,12 +154,15 @@ async def test_unregistered_token_is_answered_item_not_found(
     token = apns_token(next(_user_numbers))
     apns.respond(token, 410, "Unregistered")
     alice = setup.new_user()
-    async with running_component(component_for(setup, apns=apns)):
-        await enable_and_go_offline(setup, alice, {"service": "apns", "device_id": token})
-        await send_from_new_user(setup, alice)
-        await apns.wait_for_requests(1, timeout=10)
-        # The server logs our cancel/item-not-found reply for this node.
-        await wait_for_log(setup, "item-not-found")
+    with capture_logs() as logs:
+        async with running_component(component_for(setup, apns=apns)):
+            await enable_and_go_offline(setup, alice, {"service": "apns", "device_id": token})
+            await send_from_new_user(setup, alice)
+            await apns.wait_for_requests(1, timeout=10)
+            # The server received our cancel/item-not-found and says so in its log.
+            await wait_for_log(setup, "item-not-found")
+    answers = [entry["reply"] for entry in logs if entry["event"] == "publish_answered"]
+    assert answers == ["cancel/item-not-found"]
 
 
 async def test_transient_failures_are_retried_once_delivered_and_the_registration_kept(

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,13 +35,24 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "configuration.md"
 EXAMPLE = REPO / "deploy" / "xmpp-push.example.toml"
 
-# Only the PEM armour is checked at load; the key itself is the providers' business.
-PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIGTAgEAMBMGByqGSM49\n-----END PRIVATE KEY-----\n"
+
+def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+# Keys are loaded at start, as `run` would: a check-config that passes must mean a
+# provider that starts. Fresh throw-away keys, generated here.
+PEM_KEY = _pem(ec.generate_private_key(ec.SECP256R1()))
+RSA_PEM_KEY = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
 SERVICE_ACCOUNT = {
     "type": "service_account",
     "project_id": "demo-project",
     "client_email": "push@demo-project.iam.gserviceaccount.com",
-    "private_key": PEM_KEY,
+    "private_key": RSA_PEM_KEY,
     "token_uri": "https://127.0.0.1:8443/token",
 }
 
@@ -255,20 +268,47 @@ def test_an_explicit_fcm_project_id_wins_over_the_file(service_account: Path) ->
     assert load_config(None, environ).fcm.project_id == "other-project"
 
 
-@pytest.mark.parametrize(
-    ("listen", "address"),
-    [
-        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
-        ("[::1]:8080", ("::1", 8080)),
-        ("localhost:80", ("localhost", 80)),
-    ],
-)
-def test_http_listen_address_is_split_into_host_and_port(
-    listen: str, address: tuple[str, int]
-) -> None:
-    config = load_config(None, {"XMPP_PUSH_HTTP_LISTEN": listen})
-    assert config.http.enabled
-    assert config.http.listen_address == address
+def test_an_http_listener_is_refused_until_the_http_api_exists() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"XMPP_PUSH_HTTP_LISTEN": "127.0.0.1:8080"})
+    assert caught.value.key == "http.listen"
+    assert "not available in this version" in caught.value.reason
+
+
+def test_an_apns_key_that_is_not_ec_p256_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "rsa.p8"
+    key.write_text(RSA_PEM_KEY)
+    error = config_error(
+        tmp_path,
+        f'[apns]\nkey_file = "{key}"\nkey_id = "ABCDE12345"\nteam_id = "TEAM123456"\n'
+        'topic = "org.example"\n',
+    )
+    assert error.key == "apns.key_file"
+    assert "EC P-256" in error.reason
+
+
+def test_apple_ids_must_look_like_apples(tmp_path: Path) -> None:
+    error = config_error(tmp_path, '[apns]\nkey_id = "ABC"\n')
+    assert error.key == "apns.key_id"
+
+
+def test_a_service_account_with_a_broken_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sa.json"
+    path.write_text(
+        json.dumps({**SERVICE_ACCOUNT, "private_key": "-----BEGIN PRIVATE KEY-----\nxx"})
+    )
+    error = config_error(tmp_path, f'[fcm]\nservice_account_file = "{path}"\n')
+    assert error.key == "fcm.service_account_file"
+    assert "private_key" in error.reason
+
+
+def test_domains_are_compared_in_canonical_form(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path, '[component]\njid = "Push.Example.ORG"\naliases = ["P2.Example.org"]\n'
+    )
+    assert config.component.jid == "push.example.org"
+    assert config.component.allowed_domains == ("example.org",)
+    assert config.component.aliases == ("p2.example.org",)
 
 
 @pytest.mark.parametrize(

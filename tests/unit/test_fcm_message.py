@@ -223,3 +223,14 @@ def test_every_message_fits_and_carries_only_string_data(
     assert message["token"] == TOKEN
     assert all(isinstance(value, str) for value in message.get("data", {}).values())
     assert ("notification" in message["android"]) is not silent
+
+
+def test_a_retried_push_carries_only_what_is_left_of_its_ttl() -> None:
+    from xmpp_push.providers.fcm import _remaining
+
+    push = Push(device=Device(Service.FCM, "tok:" + "x" * 40), ttl=3600, created_at=1_000.0)
+    assert _remaining(push, 1_000.0).ttl == 3600
+    later = _remaining(push, 1_000.0 + 600)
+    assert later.ttl == 3000
+    assert later.expires_at == push.expires_at
+    assert _remaining(push, 1_000.0 + 7200).ttl == 0

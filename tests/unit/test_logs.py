@@ -82,10 +82,16 @@ def test_console_format_is_readable() -> None:
     assert "jid=push.example.org" in stream.getvalue()
 
 
-def test_redaction_leaves_short_and_already_redacted_values_alone() -> None:
-    event = {"token": "a1b2…c3d4", "node": "n1", "secret": "x"}
+def test_tokens_are_shortened_and_secrets_hidden_entirely() -> None:
+    event = {
+        "token": "a1b2…c3d4",  # already redacted: left alone
+        "node": "0123456789abcdef0123",  # may be a token (component.default_service)
+        "secret": "correct-horse-battery",
+        "jid": "alice@example.org",
+    }
     assert redact_secrets(None, "info", event) == {
         "token": "a1b2…c3d4",
-        "node": "n1",
+        "node": "0123…0123",
         "secret": "…",
+        "jid": "alice@example.org",
     }

@@ -85,6 +85,15 @@ def build_message(push: Push) -> dict[str, object]:
     return message
 
 
+def _remaining(push: Push, now: float) -> Push:
+    """FCM's `ttl` is relative: a push retried an hour after it was made may only be
+    kept for what is left of its life (APNs' `apns-expiration` is absolute already)."""
+    if push.created_at <= 0 or push.ttl == 0:
+        return push
+    left = max(0, int(push.expires_at - now))
+    return dataclasses.replace(push, ttl=left, created_at=now) if left < push.ttl else push
+
+
 def encode_message(message: Mapping[str, object]) -> bytes:
     """The bytes sent: compact UTF-8 JSON, the encoding `build_message` measures."""
     return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
@@ -395,7 +404,7 @@ class FcmProvider:
             raise DeliveryError(ErrorCategory.TRANSIENT, "provider_closed")
         if push.device.service is not Service.FCM:
             raise DeliveryError(ErrorCategory.MISCONFIGURED, "not_an_fcm_device")
-        body = encode_message(build_message(push))
+        body = encode_message(build_message(_remaining(push, time.time())))
         access_token = await self._access_token()
         status, payload, retry_after = await self._post(body, access_token)
         if status == 200:

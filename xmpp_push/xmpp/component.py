@@ -94,14 +94,14 @@ class PushComponent(ComponentXMPP):
             Callback(
                 "xmpp-push publish",
                 MatchXPath(f"{{{NS_COMPONENT}}}iq/{{{NS_PUBSUB}}}pubsub"),
-                self._on_pubsub_iq,
+                lambda iq: self._guarded(self._on_pubsub_iq, iq.xml),
             )
         )
         self.register_handler(
             Callback(
                 "xmpp-push disco#info",
                 MatchXPath(f"{{{NS_COMPONENT}}}iq/{{{NS_DISCO_INFO}}}query"),
-                self._on_disco_info,
+                lambda iq: self._guarded(self._on_disco_info, iq.xml),
             )
         )
         self.add_event_handler("session_start", self._on_session_start)
@@ -190,9 +190,27 @@ class PushComponent(ComponentXMPP):
             Callback(
                 name,
                 MatchXPath(f"{{{NS_COMPONENT}}}{stanza}/{child}"),
-                lambda stanza_object: handler(stanza_object.xml),
+                lambda stanza_object: self._guarded(handler, stanza_object.xml),
             )
         )
+
+    def _guarded(self, handler: StanzaHandler, xml: Element) -> None:
+        """Run a handler; a bug in it must not become slixmpp's default reply
+        (`cancel`/`undefined-condition`), which ejabberd takes as "delete this user's
+        registration". Answer `wait` instead and log the traceback."""
+        try:
+            handler(xml)
+        except Exception:
+            log.exception("handler_failed", stanza=xml.tag)
+            if xml.tag == f"{{{NS_COMPONENT}}}iq" and xml.get("type") in {"get", "set"}:
+                self._send_xml(
+                    error_iq(
+                        xml.get("id", ""),
+                        xml.get("from", ""),
+                        xml.get("to", self._settings.jid),
+                        StanzaError("wait", "internal-server-error"),
+                    )
+                )
 
     def send_answer(self, data: str) -> None:
         """Send one pre-built stanza; dropped (and logged) while the link is down."""
@@ -223,9 +241,19 @@ class PushComponent(ComponentXMPP):
             # The server bounces or drops IQs to a departed component on its own.
             log.info("reply_dropped", reason="not connected")
 
-    def _on_disco_info(self, iq: Any) -> None:
-        xml: Element = iq.xml
-        if xml.get("type") != "get":
+    def _on_disco_info(self, xml: Element) -> None:
+        kind = xml.get("type")
+        if kind in {"result", "error"}:
+            return  # never answer an answer
+        if kind != "get":
+            self._send_xml(
+                error_iq(
+                    xml.get("id", ""),
+                    xml.get("from", ""),
+                    xml.get("to", self._settings.jid),
+                    StanzaError("cancel", "bad-request", "disco#info is queried with get"),
+                )
+            )
             return
         query = xml.find(f"{{{NS_DISCO_INFO}}}query")
         node = query.get("node") if query is not None else None
@@ -240,8 +268,7 @@ class PushComponent(ComponentXMPP):
             "</query></iq>"
         )
 
-    def _on_pubsub_iq(self, iq: Any) -> None:
-        xml: Element = iq.xml
+    def _on_pubsub_iq(self, xml: Element) -> None:
         kind = xml.get("type")
         if kind in {"result", "error"}:
             return  # never answer an answer
@@ -253,7 +280,7 @@ class PushComponent(ComponentXMPP):
                 error_iq(iq_id, sender, me, StanzaError("cancel", "feature-not-implemented"))
             )
             return
-        if sender not in self._settings.allowed_domains:
+        if sender.lower() not in self._settings.allowed_domains:
             log.warning("publish_refused", sender=sender, reason="sender not in allowed_domains")
             self._send_xml(error_iq(iq_id, sender, me, FORBIDDEN_SENDER))
             return

@@ -18,8 +18,9 @@ Answers, inside the wrapped IQ unless said otherwise:
 | wrapper from a domain not in `allowed_domains` | wrapper `auth`/`forbidden` |
 | wrapper without a usable forwarded IQ | wrapper `modify`/`bad-request` |
 
-Prosody hands any inner error to the client as `cancel`/`service-unavailable`; ejabberd
-passes ours through (docs/direct-mode.md).
+Both servers pass our inner answer, errors included, through to the client unchanged;
+only an error on the wrapper itself reaches a Prosody client as
+`cancel`/`service-unavailable` (and an ejabberd client not at all): docs/direct-mode.md.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class DelegationHandler:
                 continue
             for delegated in wrapper.iterfind(f"{{{delegation}}}delegated"):
                 namespace = delegated.get("namespace")
-                if server not in self._allowed_domains:
+                if server.lower() not in self._allowed_domains:
                     log.warning(
                         "delegation_ignored",
                         server=server,
@@ -119,6 +120,15 @@ class DelegationHandler:
                         namespace=namespace,
                         delegation_namespace=delegation,
                     )
+                    if server not in self.granted:
+                        log.warning(
+                            "direct_mode_without_plugin",
+                            server=server,
+                            hint="enables are stored, but this version sends pushes to "
+                            "direct-mode registrations only through `xmpp-push send-test`: "
+                            "the server plugin that says when to wake them comes next "
+                            "(docs/direct-mode.md)",
+                        )
                     self.granted[server] = delegation
                     self._grant_events[server].set()
 
@@ -136,7 +146,7 @@ class DelegationHandler:
         outer_id = outer.get("id", "")
         server = outer.get("from", "")
         me = outer.get("to") or self._component.settings.jid
-        if server not in self._allowed_domains:
+        if server.lower() not in self._allowed_domains:
             log.warning("delegation_refused", server=server, reason="not in allowed_domains")
             self._component.send_answer(error_iq(outer_id, server, me, FORBIDDEN_SENDER))
             return
