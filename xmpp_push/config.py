@@ -38,6 +38,8 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from xmpp_push.core.model import DEFAULT_BODY, MAX_TTL
+
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_FILE_NAME",
@@ -598,13 +600,13 @@ class PolicyConfig:
     )
     show_sender: bool = _key(False, "Put the sender's address in the notification.")
     body_placeholder: str = _key(
-        "New message", "Text of a visible notification when the body is not shown."
+        DEFAULT_BODY, "Text of a visible notification when the body is not shown."
     )
     default_ttl: int = _key(
         86400,
         """Seconds the push network keeps trying to reach an offline device (0: now or
         never). FCM allows at most 28 days. Also bounds our own retries.""",
-        _between(0, 2419200),
+        _between(0, MAX_TTL),
     )
     reply_timeout: float = _key(
         5.0,

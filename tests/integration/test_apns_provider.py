@@ -27,12 +27,6 @@ MakeProvider = Callable[..., ApnsProvider]
 
 
 @pytest.fixture
-async def apns(tmp_path: Path) -> AsyncIterator[ApnsStandIn]:
-    async with ApnsStandIn(tmp_path / "apns") as server:
-        yield server
-
-
-@pytest.fixture
 async def make_provider(apns: ApnsStandIn) -> AsyncIterator[MakeProvider]:
     providers: list[ApnsProvider] = []
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,18 +58,6 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Setup:
         component_secret=options.component_secret,
         tmp_path=tmp_path,
     )
-
-
-@pytest.fixture
-async def apns(tmp_path: Path) -> AsyncIterator[ApnsStandIn]:
-    async with ApnsStandIn(tmp_path / "apns") as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-async def fcm(tmp_path: Path) -> AsyncIterator[FcmStandIn]:
-    async with FcmStandIn(tmp_path / "fcm") as stand_in:
-        yield stand_in
 
 
 def component_for(

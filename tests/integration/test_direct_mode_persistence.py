@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +50,6 @@ def postgresql_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def prosody(make_prosody: Callable[..., Prosody]) -> Prosody:
     return make_prosody(ProsodyOptions(delegation=True))
-
-
-@pytest.fixture
-async def apns(tmp_path: Path) -> AsyncIterator[ApnsStandIn]:
-    async with ApnsStandIn(tmp_path / "apns") as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-async def fcm(tmp_path: Path) -> AsyncIterator[FcmStandIn]:
-    async with FcmStandIn(tmp_path / "fcm") as stand_in:
-        yield stand_in
 
 
 def config_for(

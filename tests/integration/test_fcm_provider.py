@@ -68,12 +68,6 @@ def _fresh_private_key() -> str:
 
 
 @pytest.fixture
-async def fcm(tmp_path: Path) -> AsyncIterator[FcmStandIn]:
-    async with FcmStandIn(tmp_path / "fcm") as standin:
-        yield standin
-
-
-@pytest.fixture
 async def provider(fcm: FcmStandIn) -> AsyncIterator[FcmProvider]:
     provider = make_provider(fcm)
     yield provider

@@ -26,20 +26,12 @@ import pwd
 import stat
 import subprocess
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from xmpp_push.devtools import (
-    LOOPBACK,
-    ServerError,
-    free_loopback_ports,
-    read_tail,
-    require_binary,
-    stop_process_group,
-    wait_until_listening,
-)
+from xmpp_push.devtools import LOOPBACK, ServerError, free_loopback_ports, require_binary
+from xmpp_push.devtools.server import LoopbackServer, ServerOptions
 
 __all__ = ["Ejabberd", "EjabberdOptions"]
 
@@ -50,16 +42,9 @@ STARTED_LINE = " is started in the node "
 
 
 @dataclass(frozen=True)
-class EjabberdOptions:
-    """What a test may vary between two ejabberd instances."""
+class EjabberdOptions(ServerOptions):
+    """What a test may vary between two ejabberd instances (on top of ServerOptions)."""
 
-    domain: str = "localhost"
-    component_jid: str = "push.localhost"
-    component_secret: str = "s3cret-push"
-    delegation: bool = False
-    """XEP-0355 (`urn:xmpp:delegation:1`): the component handles `urn:xmpp:push:0`."""
-    privilege: bool = False
-    """XEP-0356: the component receives every user's presence (`managed_entity`)."""
     push: bool = True
     """Load mod_push and mod_push_keepalive."""
     include_body: bool | str = "New message"
@@ -78,90 +63,38 @@ class EjabberdOptions:
     """Directories with extra `.beam` files, added to Erlang's code path (`-pa`)."""
 
 
-class Ejabberd:
+class Ejabberd(LoopbackServer[EjabberdOptions]):
     """One ejabberd node: `start()`, `register()` (while running), `stop()`, or use it
-    as a context manager. Ports are chosen here and kept across `restart()`."""
+    as a context manager. Ports are chosen here and kept across `restart()`, and so is
+    the node name (so Mnesia, and with it every account, survives a restart)."""
+
+    display_name = "ejabberd"
 
     def __init__(
         self,
         run_dir: Path,
         options: EjabberdOptions = EjabberdOptions(),
     ) -> None:
-        self.run_dir = run_dir.resolve()
-        self.options = options
-        self.c2s_port, self.component_port, self.dist_port = free_loopback_ports(3)
+        run_dir = run_dir.resolve()
+        c2s_port, component_port, self.dist_port = free_loopback_ports(3)
+        super().__init__(
+            run_dir,
+            options,
+            c2s_port=c2s_port,
+            component_port=component_port,
+            log_path=run_dir / "log" / "ejabberd.log",
+            console_path=run_dir / "ejabberd.console.log",
+        )
         self.node = f"xmpp-push-{self.dist_port}@localhost"
         self.etc_dir = self.run_dir / "etc"
         self.log_dir = self.run_dir / "log"
         self.db_dir = self.run_dir / "db"
-        self.log_path = self.log_dir / "ejabberd.log"
-        self.console_path = self.run_dir / "ejabberd.console.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
-
-    @property
-    def host(self) -> str:
-        return LOOPBACK
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self, timeout: float = 60) -> None:
         """Write the config, run `ejabberdctl foreground` in its own session, and return
         once ejabberd logged that it started and both ports accept connections.
         (A port taken by someone else makes ejabberd exit, which is reported.)"""
-        if self._process is not None:
-            raise ServerError(f"ejabberd in {self.run_dir} is already started")
-        ejabberdctl = require_binary("ejabberdctl", INSTALL_HINT)
-        self._write_config()
-        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        deadline = time.monotonic() + timeout
-        with self.console_path.open("ab") as console:
-            self._process = subprocess.Popen(
-                [ejabberdctl, *self._ctl_options(), "foreground"],
-                cwd=self.run_dir,
-                env=self._environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # stop() signals the whole tree, beam included
-                **self._as_system_user(),
-            )
-        try:
-            wait_until_listening(
-                self._process, (self.c2s_port, self.component_port), timeout, self._failure
-            )
-            # Listeners open before the last modules finish starting; this line comes last.
-            while STARTED_LINE not in self._new_log():
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    raise self._failure("it never logged that it started")
-                time.sleep(0.05)
-        except ServerError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        """`ejabberdctl stop` (Mnesia is flushed), then SIGTERM and SIGKILL to whatever is
-        left; reaps everything it started. Idempotent."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            try:
-                self.ctl("stop", timeout=30)
-                process.wait(20)
-            except (ServerError, subprocess.TimeoutExpired):
-                pass  # the signals below take care of it
-        stop_process_group(process)
-
-    def restart(self, options: EjabberdOptions | None = None) -> None:
-        """Stop, optionally change the options, start again on the same ports and node
-        name (so Mnesia, and with it every account, survives)."""
-        self.stop()
-        if options is not None:
-            self.options = options
-        self.start()
+        super().start(timeout)
 
     def register(self, user: str, password: str) -> None:
         """Create an account (ServerError if it exists); ejabberd must be running.
@@ -195,53 +128,31 @@ class Ejabberd:
         output: str = done.stdout
         return output
 
-    def jid(self, user: str) -> str:
-        return f"{user}@{self.options.domain}"
+    def _command(self) -> list[str]:
+        ejabberdctl = require_binary("ejabberdctl", INSTALL_HINT)
+        return [ejabberdctl, *self._ctl_options(), "foreground"]
 
-    def log_text(self) -> str:
-        """ejabberd's log, its error log and anything it printed."""
-        parts = []
-        for path in (self.console_path, self.log_path, self.log_dir / "error.log"):
-            if path.exists():
-                parts.append(path.read_text("utf-8", "replace"))
-        return "\n".join(parts)
+    def _popen_options(self) -> dict[str, Any]:
+        # As the `ejabberd` user from the start: beam stays in our session (see above).
+        return {"env": self._environment(), **self._as_system_user()}
 
-    def log_tail(self, lines: int = 40) -> str:
-        return (
-            f"--- {self.console_path.name}\n{read_tail(self.console_path, lines)}\n"
-            f"--- {self.log_path.name}\n{read_tail(self.log_path, lines, start=self._log_start)}"
-        )
+    def _wait_until_started(self, process: subprocess.Popen[bytes], deadline: float) -> None:
+        # Listeners open before the last modules finish starting; this line comes last.
+        while STARTED_LINE not in self._new_log():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise self._failure("it never logged that it started")
+            time.sleep(0.05)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
+    def _request_shutdown(self, process: subprocess.Popen[bytes]) -> None:
+        """`ejabberdctl stop`, so that Mnesia is flushed."""
+        try:
+            self.ctl("stop", timeout=30)
+            process.wait(20)
+        except (ServerError, subprocess.TimeoutExpired):
+            pass  # the signals that follow take care of it
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: types.TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return (
-            f"Ejabberd({str(self.run_dir)!r}, c2s={self.c2s_port}, "
-            f"component={self.component_port}, running={self.running})"
-        )
-
-    def _new_log(self) -> str:
-        if not self.log_path.exists():
-            return ""
-        with self.log_path.open("rb") as log_file:
-            log_file.seek(self._log_start)
-            return log_file.read().decode("utf-8", "replace")
-
-    def _failure(self, reason: str) -> ServerError:
-        return ServerError(
-            f"ejabberd (c2s port {self.c2s_port}, component port {self.component_port}, "
-            f"run dir {self.run_dir}) did not come up: {reason}\n{self.log_tail()}"
-        )
+    def _log_files(self) -> tuple[Path, ...]:
+        return (self.console_path, self.log_path, self.log_dir / "error.log")
 
     def _ctl_options(self) -> list[str]:
         return [

@@ -29,7 +29,6 @@ import contextlib
 import json
 import re
 import secrets
-import signal
 import string
 import time
 import uuid
@@ -59,6 +58,7 @@ from h2.events import (
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
 
+from tests.standins.cli import serve_until_signal
 from tests.standins.tlsca import ServerCertificate, TestCA
 
 __all__ = ["ApnsRequest", "ApnsStandIn", "Reply", "main"]
@@ -708,12 +708,13 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.default:
         status, _, reason = args.default.partition(":")
         apns.set_default(int(status), reason or None)
+    # Started here, on the address asked for; entering a started stand-in keeps it.
     await apns.start(host=args.host, port=args.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    info = {
+    await serve_until_signal(apns, _describe)
+
+
+def _describe(apns: ApnsStandIn) -> dict[str, object]:
+    return {
         "port": apns.port,
         "endpoint": apns.endpoint,
         "ca_file": str(apns.ca_file),
@@ -721,11 +722,6 @@ async def _serve(args: argparse.Namespace) -> None:
         "key_id": apns.key_id,
         "team_id": apns.team_id,
     }
-    print(json.dumps(info), flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await apns.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

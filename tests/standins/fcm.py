@@ -22,7 +22,6 @@ import binascii
 import json
 import re
 import secrets
-import signal
 import sys
 import time
 from collections import deque
@@ -37,6 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from tests.standins.cli import serve_until_signal
 from tests.standins.tlsca import TestCA
 
 __all__ = [
@@ -749,22 +749,20 @@ def _b64url_decode(text: str) -> bytes:
 # Command line
 
 
-async def _serve(directory: Path, port: int, project_id: str, token_lifetime: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with FcmStandIn(
-        directory, project_id=project_id, token_lifetime=token_lifetime, port=port
-    ) as fcm:
-        ready = {
-            "port": fcm.port,
-            "ca_file": str(fcm.ca_file),
-            "service_account_file": str(fcm.service_account_file),
-            "project_id": fcm.project_id,
-        }
-        print(json.dumps(ready), flush=True)
-        await stop.wait()
+async def _serve(args: argparse.Namespace) -> None:
+    fcm = FcmStandIn(
+        args.dir, project_id=args.project_id, token_lifetime=args.token_lifetime, port=args.port
+    )
+    await serve_until_signal(fcm, _describe)
+
+
+def _describe(fcm: FcmStandIn) -> dict[str, object]:
+    return {
+        "port": fcm.port,
+        "ca_file": str(fcm.ca_file),
+        "service_account_file": str(fcm.service_account_file),
+        "project_id": fcm.project_id,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -773,8 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, required=True, help="where CA and key files go")
     parser.add_argument("--project-id", default="xmpp-push-test")
     parser.add_argument("--token-lifetime", type=int, default=3599)
-    args = parser.parse_args(argv)
-    asyncio.run(_serve(args.dir, args.port, args.project_id, args.token_lifetime))
+    asyncio.run(_serve(parser.parse_args(argv)))
     return 0
 
 

@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from xmpp_push.core.model import Content, Device, InvalidDevice, Priority, Push, Service
+from xmpp_push.core.model import (
+    DEFAULT_BODY,
+    Content,
+    Device,
+    InvalidDevice,
+    Priority,
+    Push,
+    Service,
+)
 from xmpp_push.core.publish_options import (
     MAX_TTL,
     RequestError,
@@ -50,7 +58,7 @@ class Summary:
 class ContentPolicy:
     show_body: bool = False
     show_sender: bool = False
-    body_placeholder: str = "New message"
+    body_placeholder: str = DEFAULT_BODY
 
 
 @dataclass(frozen=True, slots=True)

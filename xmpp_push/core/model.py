@@ -10,8 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Final
 
 __all__ = [
+    "DEFAULT_BODY",
+    "ELLIPSIS",
+    "MAX_TTL",
     "Content",
     "Device",
     "InvalidDevice",
@@ -20,6 +24,16 @@ __all__ = [
     "Push",
     "Service",
 ]
+
+MAX_TTL: Final = 2_419_200
+"""Four weeks, in seconds: the longest either push network keeps a notification (FCM
+refuses a longer `android.ttl`)."""
+
+DEFAULT_BODY: Final = "New message"
+"""The text of a visible notification that has no body to show."""
+
+ELLIPSIS: Final = "…"
+"""Ends a text that was shortened to fit."""
 
 
 class Service(StrEnum):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
-from xmpp_push.core.model import Device, InvalidDevice, Mode, Priority, Service
+from xmpp_push.core.model import MAX_TTL, Device, InvalidDevice, Mode, Priority, Service
 
 __all__ = [
     "MAX_TTL",
@@ -23,9 +23,6 @@ __all__ = [
     "read_priority",
     "read_ttl",
 ]
-
-MAX_TTL = 2_419_200
-"""Four weeks: the longest either push network keeps a notification."""
 
 _PREFIX = "publish-options: "
 

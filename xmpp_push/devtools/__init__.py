@@ -1,9 +1,10 @@
 """Throw-away XMPP servers and a small XMPP client, for tests and `xmpp-push demo`.
 
 Nothing in here runs in production. It lives in the package (not under `tests/`)
-because the `demo` command needs it too. This module holds what every throw-away
-server shares: loopback ports, a process in its own session, and failure messages
-that carry the server's log.
+because the `demo` command needs it too. This module holds the helpers every
+throw-away server uses: loopback ports, a process in its own session, a log's tail;
+`xmpp_push.devtools.server.LoopbackServer` is the life cycle built on them, which
+Prosody (here) and ejabberd (`tests.servers.ejabberd`) share.
 """
 
 from __future__ import annotations

@@ -10,20 +10,11 @@ See PROTOCOLS.md §9 for the measurements behind the defaults.
 from __future__ import annotations
 
 import subprocess
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
-from xmpp_push.devtools import (
-    LOOPBACK,
-    ServerError,
-    free_loopback_ports,
-    read_tail,
-    require_binary,
-    stop_process_group,
-    wait_until_listening,
-)
+from xmpp_push.devtools import LOOPBACK, ServerError, free_loopback_ports, require_binary
+from xmpp_push.devtools.server import LoopbackServer, ServerOptions
 
 __all__ = ["Prosody", "ProsodyOptions"]
 
@@ -33,16 +24,9 @@ NS_PUSH = "urn:xmpp:push:0"
 
 
 @dataclass(frozen=True)
-class ProsodyOptions:
-    """What a test may vary between two Prosody instances."""
+class ProsodyOptions(ServerOptions):
+    """What a test may vary between two Prosody instances (on top of ServerOptions)."""
 
-    domain: str = "localhost"
-    component_jid: str = "push.localhost"
-    component_secret: str = "s3cret-push"
-    delegation: bool = False
-    """XEP-0355: the component handles `urn:xmpp:push:0` IQs instead of mod_cloud_notify."""
-    privilege: bool = False
-    """XEP-0356: the component receives every user's presence (`managed_entity`)."""
     cloud_notify: bool = True
     smacks_hibernation_time: int = 300
     smacks_max_ack_delay: int = 5
@@ -53,79 +37,28 @@ class ProsodyOptions:
     """Loaded globally: on the VirtualHost, and on the component where Prosody allows it."""
 
 
-class Prosody:
+class Prosody(LoopbackServer[ProsodyOptions]):
     """One Prosody process: `start()`, `register()`, `stop()`, or use it as a context manager.
+    Its two ports are chosen here and kept across `restart()`."""
 
-    The ports are chosen once, here, and kept across `restart()`, so that a component
-    or client reconnects to the same address.
-    """
+    display_name = "Prosody"
 
     def __init__(
         self,
         run_dir: Path,
         options: ProsodyOptions = ProsodyOptions(),
     ) -> None:
-        self.run_dir = run_dir.resolve()
-        self.options = options
-        self.c2s_port, self.component_port = free_loopback_ports(2)
+        run_dir = run_dir.resolve()
+        c2s_port, component_port = free_loopback_ports(2)
+        super().__init__(
+            run_dir,
+            options,
+            c2s_port=c2s_port,
+            component_port=component_port,
+            log_path=run_dir / "prosody.log",
+            console_path=run_dir / "prosody.console.log",
+        )
         self.config_path = self.run_dir / "prosody.cfg.lua"
-        self.log_path = self.run_dir / "prosody.log"
-        self.console_path = self.run_dir / "prosody.console.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
-
-    @property
-    def host(self) -> str:
-        return LOOPBACK
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self, timeout: float = 15) -> None:
-        """Write the config, start `prosody -F` in its own session, and return once the
-        client and component ports accept connections."""
-        if self._process is not None:
-            raise ServerError(f"Prosody in {self.run_dir} is already started")
-        prosody = require_binary("prosody", INSTALL_HINT)
-        self._write_config()
-        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.console_path.open("ab") as console:
-            self._process = subprocess.Popen(
-                [prosody, "--config", str(self.config_path), "-F"],
-                cwd=self.run_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # stop() signals its whole process group
-            )
-        try:
-            wait_until_listening(
-                self._process, (self.c2s_port, self.component_port), timeout, self._failure
-            )
-            # Prosody keeps running when a port is taken; whoever answered is not us.
-            if "Failed to open server port" in self._new_log():
-                raise self._failure("a port was taken by another process")
-        except ServerError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        """SIGTERM (Prosody saves its state on it), SIGKILL after 10 s; idempotent."""
-        process, self._process = self._process, None
-        if process is not None:
-            stop_process_group(process)
-
-    def restart(self, options: ProsodyOptions | None = None) -> None:
-        """Stop, optionally change the options, start again on the same ports.
-
-        Accounts and stored registrations survive; in-memory state (sessions, error
-        counters) does not.
-        """
-        self.stop()
-        if options is not None:
-            self.options = options
-        self.start()
 
     def register(self, user: str, password: str) -> None:
         """Create an account with `prosodyctl register`; works whether Prosody runs or not."""
@@ -154,53 +87,18 @@ class Prosody:
                 f"({done.returncode}): {done.stdout.strip()} {done.stderr.strip()}"
             )
 
-    def jid(self, user: str) -> str:
-        return f"{user}@{self.options.domain}"
+    def _command(self) -> list[str]:
+        """`prosody -F`: in the foreground, so that the process we start is Prosody."""
+        prosody = require_binary("prosody", INSTALL_HINT)
+        return [prosody, "--config", str(self.config_path), "-F"]
 
-    def log_text(self) -> str:
-        """Prosody's debug log and anything it printed (config errors go to the console)."""
-        parts = []
-        for path in (self.console_path, self.log_path):
-            if path.exists():
-                parts.append(path.read_text("utf-8", "replace"))
-        return "\n".join(parts)
+    def _wait_until_started(self, process: subprocess.Popen[bytes], deadline: float) -> None:
+        # Prosody keeps running when a port is taken; whoever answered is not us.
+        if "Failed to open server port" in self._new_log():
+            raise self._failure("a port was taken by another process")
 
-    def log_tail(self, lines: int = 40) -> str:
-        return (
-            f"--- {self.console_path.name}\n{read_tail(self.console_path, lines)}\n"
-            f"--- {self.log_path.name}\n{read_tail(self.log_path, lines, start=self._log_start)}"
-        )
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: types.TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return (
-            f"Prosody({str(self.run_dir)!r}, c2s={self.c2s_port}, "
-            f"component={self.component_port}, running={self.running})"
-        )
-
-    def _new_log(self) -> str:
-        if not self.log_path.exists():
-            return ""
-        with self.log_path.open("rb") as log_file:
-            log_file.seek(self._log_start)
-            return log_file.read().decode("utf-8", "replace")
-
-    def _failure(self, reason: str) -> ServerError:
-        return ServerError(
-            f"Prosody (c2s port {self.c2s_port}, component port {self.component_port}, "
-            f"run dir {self.run_dir}) did not come up: {reason}\n{self.log_tail()}"
-        )
+    def _request_shutdown(self, process: subprocess.Popen[bytes]) -> None:
+        """Nothing to ask: SIGTERM is Prosody's clean shutdown (it saves its state)."""
 
     def _write_config(self) -> None:
         for directory in (self.run_dir, self.run_dir / "data", self.run_dir / "certs"):

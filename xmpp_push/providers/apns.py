@@ -32,10 +32,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import email.utils
 import enum
 import json
-import math
 import os
 import ssl
 import time
@@ -65,8 +63,17 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError
 
-from xmpp_push.core.model import Mode, Priority, Push, Service, redact_token
+from xmpp_push.core.model import (
+    DEFAULT_BODY,
+    ELLIPSIS,
+    Mode,
+    Priority,
+    Push,
+    Service,
+    redact_token,
+)
 from xmpp_push.core.outcomes import DeliveryError, ErrorCategory
+from xmpp_push.providers._http import parse_retry_after
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
@@ -83,9 +90,6 @@ SANDBOX_ENDPOINT: Final = "https://api.sandbox.push.apple.com:443"
 
 MAX_PAYLOAD_BYTES: Final = 4096
 """APNs refuses larger alert/background payloads with 413 PayloadTooLarge."""
-
-_ELLIPSIS: Final = "…"
-_DEFAULT_BODY: Final = "New message"
 
 # Apple documents 20 min as the shortest refresh interval (more often: 429
 # TooManyProviderTokenUpdates) and 60 min as the age at which a token is refused.
@@ -145,7 +149,7 @@ def build_request(push: Push, default_topic: str) -> ApnsRequest:
 
 def _alert_body(push: Push) -> bytes:
     title = push.content.sender
-    text = push.content.body or _DEFAULT_BODY
+    text = push.content.body or DEFAULT_BODY
     encoded = _json(_alert_payload(push, title, text))
     # Shorten the body first, the title (a JID) only if the body alone cannot make room.
     # Each pass removes at least the excess, so the loop ends after a few rounds.
@@ -179,11 +183,11 @@ def _alert_payload(push: Push, title: str | None, text: str) -> dict[str, Any]:
 def _shorten(text: str, excess: int) -> str:
     """`text` at least `excess` encoded bytes shorter, cut on a character boundary."""
     raw = text.encode()
-    keep = len(raw) - excess - len(_ELLIPSIS.encode())
+    keep = len(raw) - excess - len(ELLIPSIS.encode())
     if keep <= 0:
         return ""
     # errors="ignore" drops a multi-byte character the cut went through.
-    return raw[:keep].decode(errors="ignore") + _ELLIPSIS
+    return raw[:keep].decode(errors="ignore") + ELLIPSIS
 
 
 def _json(value: Any) -> bytes:
@@ -298,7 +302,7 @@ def _error_from_response(response: _Response) -> DeliveryError:
     category = _category(response.status, reason)
     retry_after = None
     if category is ErrorCategory.TRANSIENT:
-        retry_after = _parse_retry_after(response.retry_after)
+        retry_after = parse_retry_after(response.retry_after)
     return DeliveryError(category, reason, response.status, retry_after)
 
 
@@ -310,24 +314,6 @@ def _reason(body: bytes) -> str | None:
     if isinstance(decoded, dict) and isinstance(decoded.get("reason"), str):
         return str(decoded["reason"])
     return None
-
-
-def _parse_retry_after(value: bytes | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    text = value.decode("latin-1").strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 # --------------------------------------------------------------------------------------

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
-import email.utils
 import json
 import logging
-import math
 import ssl
 import time
 import unicodedata
@@ -32,8 +29,9 @@ from google.auth import exceptions as google_auth_errors
 from google.auth.transport.requests import Request as GoogleAuthRequest
 from google.oauth2 import service_account
 
-from xmpp_push.core.model import Priority, Push, Service
+from xmpp_push.core.model import DEFAULT_BODY, ELLIPSIS, MAX_TTL, Priority, Push, Service
 from xmpp_push.core.outcomes import DeliveryError, ErrorCategory
+from xmpp_push.providers._http import parse_retry_after
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -48,10 +46,7 @@ FCM_SCOPE: Final = "https://www.googleapis.com/auth/firebase.messaging"
 DEFAULT_ENDPOINT: Final = "https://fcm.googleapis.com"
 MAX_MESSAGE_BYTES: Final = 4096
 """FCM's limit; measured here on the whole request body, which is stricter than FCM."""
-MAX_TTL_SECONDS: Final = 2_419_200  # 28 days: FCM refuses a longer android.ttl
 _INT32_MAX: Final = 2**31 - 1  # notification_count is an int32
-_DEFAULT_BODY: Final = "New message"
-_ELLIPSIS: Final = "…"
 
 _FCM_ERROR_TYPE: Final = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _BAD_REQUEST_TYPE: Final = "type.googleapis.com/google.rpc.BadRequest"
@@ -105,13 +100,13 @@ def _assemble(push: Push, sender: str | None, body: str | None) -> dict[str, obj
         count = max(0, min(count, _INT32_MAX))
     android: dict[str, object] = {
         "priority": "HIGH" if push.priority is Priority.HIGH else "NORMAL",
-        "ttl": f"{max(0, min(push.ttl, MAX_TTL_SECONDS))}s",
+        "ttl": f"{max(0, min(push.ttl, MAX_TTL))}s",
     }
     if not push.silent:
         notification: dict[str, object] = {}
         if sender is not None:
             notification["title"] = sender
-        notification["body"] = body or _DEFAULT_BODY
+        notification["body"] = body or DEFAULT_BODY
         notification["sound"] = push.sound or "default"
         if push.click_action:
             notification["click_action"] = push.click_action
@@ -146,11 +141,11 @@ def _shorten(
     """
     # Nothing longer than the limit in characters can fit, so search only below it.
     low, high = 0, min(len(text), MAX_MESSAGE_BYTES)
-    best_text = _ELLIPSIS
+    best_text = ELLIPSIS
     best: dict[str, object] = assemble(best_text)
     while low <= high:
         middle = (low + high) // 2
-        candidate_text = _cut(text, middle) + _ELLIPSIS
+        candidate_text = _cut(text, middle) + ELLIPSIS
         candidate: dict[str, object] = assemble(candidate_text)
         if _encoded_size(candidate) <= MAX_MESSAGE_BYTES:
             best_text, best = candidate_text, candidate
@@ -254,27 +249,8 @@ def _classify(http_status: int, error: _FcmError, retry_after: str | None) -> De
         category,
         code or error.status or f"HTTP {http_status}",
         status=http_status,
-        retry_after=_parse_retry_after(retry_after)
-        if category is ErrorCategory.TRANSIENT
-        else None,
+        retry_after=parse_retry_after(retry_after) if category is ErrorCategory.TRANSIENT else None,
     )
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:  # HTTP dates are GMT
-            when = when.replace(tzinfo=dt.UTC)
-        seconds = when.timestamp() - time.time()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _refresh_failure(error: google_auth_errors.GoogleAuthError) -> DeliveryError:
