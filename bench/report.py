@@ -1,0 +1,396 @@
+"""The figures: JSON in bench/results/<timestamp>.json, a table on the terminal, docs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Final
+
+from bench.sinks import nginx_version
+
+__all__ = ["machine", "render_console", "source_state", "update_docs", "write_json"]
+
+LIBRARIES: Final = (
+    "xmpp-push",
+    "slixmpp",
+    "h2",
+    "aiohttp",
+    "aioapns",
+    "google-auth",
+    "structlog",
+    "cryptography",
+    "py-spy",
+)
+_BLOCK = "<!-- {name}:{edge} -->"
+_NAMES: Final = {"apns": "APNs", "fcm": "FCM"}
+
+
+def _name(service: str) -> str:
+    return _NAMES.get(service, service)
+
+
+def _first_line(path: str, prefix: str) -> str | None:
+    try:
+        with open(path) as file:
+            for line in file:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip() if ":" in line else line.strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine() -> dict[str, Any]:
+    memory = _first_line("/proc/meminfo", "MemTotal")
+    os_name = None
+    try:
+        release = Path("/etc/os-release").read_text()
+        found = re.search(r'^PRETTY_NAME="?(.*?)"?$', release, re.M)
+        os_name = found.group(1) if found else None
+    except OSError:
+        pass
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["nginx"] = nginx_version()
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": _first_line("/proc/cpuinfo", "model name"),
+        "ram_gib": round(int(memory.split()[0]) / 1024 / 1024, 1) if memory else None,
+        "os": os_name,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "libraries": versions,
+    }
+
+
+def source_state(repo: Path) -> dict[str, Any]:
+    """Which code was measured: the commit, and product files changed since it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--", "xmpp_push", "pyproject.toml").splitlines()
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "uncommitted_product_files": [line[3:] for line in changed],
+    }
+
+
+def write_json(results: Mapping[str, Any], directory: Path, stamp: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stamp}.json"
+    path.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON: {value!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+
+
+def _number(value: object, digits: int = 0) -> str:
+    if not isinstance(value, int | float) or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _run_title(run: Mapping[str, Any]) -> str:
+    title = f"{run['implementation']} → {_name(run['service'])}"
+    if run["mode"] == "paced":
+        title += f" paced {run['offered_rate']:,.0f}/s"
+    elif run["mode"] == "soak":
+        title += f" soak {run['offered_rate']:,.0f}/s"
+    else:
+        title += f" (window {run['window']})"
+    if run.get("profiled"):
+        title += " under py-spy"
+    if run.get("attempts", 1) > 1:
+        title += f", least disturbed of {run['attempts']} runs"
+    return title
+
+
+def runs_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [
+        "| scenario | publishes | publishes/s | p50 ms | p99 ms | p99.9 ms | peak RSS MiB "
+        "| CPU cores | CPU µs/publish | sink cores | other load | answers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in runs:
+        latency = run["latency_ms"]
+        component = run["component"]
+        answers = f"{run['results']:,} result"
+        for key, count in sorted(run["errors"].items()):
+            answers += f", {count:,} {key}"
+        if run["unanswered"]:
+            answers += f", **{run['unanswered']:,} unanswered**"
+        lines.append(
+            f"| {_run_title(run)} | {run['answered']:,} | {_number(run['publishes_per_s'])} "
+            f"| {_number(latency['p50'], 1)} | {_number(latency['p99'], 1)} "
+            f"| {_number(latency['p99_9'], 1)} | {_number(component['peak_rss_mib'], 1)} "
+            f"| {_number(component['cpu_cores'], 2)} | {_number(component['cpu_us_per_publish'])} "
+            f"| {_number(run['sink']['cpu_cores'], 3)} "
+            f"| {_number(run.get('machine', {}).get('other_cores'), 2)} | {answers} |"
+        )
+    return lines
+
+
+def targets_table(targets: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = ["| target | measured | met |", "|---|---:|---|"]
+    for target in targets:
+        met = {True: "yes", False: "**no**", None: "not measured"}[target["met"]]
+        lines.append(f"| {target['target']} | {target['measured']} | {met} |")
+    return lines
+
+
+def sinks_table(sinks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    lines = [
+        "| sink | kind | load (clients) | served req/s | sink cores | req per sink CPU-second "
+        "| sink cores in project max run |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for service, sink in sinks.items():
+        ceiling = sink.get("ceiling") or {}
+        during = sink.get("during_project_max_cores")
+        lines.append(
+            f"| {_name(service)} | {sink['kind']} | "
+            f"{ceiling.get('clients', '–')} × project client | "
+            f"{_number(ceiling.get('rate'))} | {_number(ceiling.get('sink_cores'), 3)} | "
+            f"{_number(ceiling.get('requests_per_sink_cpu_second'))} | {_number(during, 3)} |"
+        )
+    return lines
+
+
+def profile_lines(profiles: Mapping[str, Mapping[str, Any]], top: int = 12) -> list[str]:
+    lines: list[str] = []
+    for label, profile in profiles.items():
+        if not profile.get("samples"):
+            lines.append(f"{label}: no samples ({profile.get('error', 'py-spy failed')}).")
+            continue
+        lines += ["", f"**{label}** ({profile['samples']:,} samples)", ""]
+        lines += ["| self time by package | % | self time by function | % |", "|---|---:|---|---:|"]
+        packages = profile["self_by_package"]
+        functions = profile["self_by_function"]
+        for i in range(min(top, max(len(packages), len(functions)))):
+            package = packages[i] if i < len(packages) else {"name": "", "percent": ""}
+            function = functions[i] if i < len(functions) else {"name": "", "percent": ""}
+            lines.append(
+                f"| {package['name']} | {package['percent']} "
+                f"| `{function['name']}` | {function['percent']} |"
+            )
+        lines += ["", "| inclusive time by function | % |", "|---|---:|"]
+        lines += [
+            f"| `{entry['name']}` | {entry['percent']} |"
+            for entry in profile["inclusive_by_function"][:top]
+        ]
+    return lines
+
+
+def machine_lines(info: Mapping[str, Any]) -> list[str]:
+    libraries = ", ".join(
+        f"{name} {version}" for name, version in info["libraries"].items() if version
+    )
+    return [
+        f"* {info['cores']} cores, {info['ram_gib']} GiB RAM, {info['cpu_model']}",
+        f"* {info['os']}, kernel {info['kernel']}, Python {info['python']}",
+        f"* {libraries}",
+    ]
+
+
+def soak_lines(soak: Mapping[str, Any]) -> list[str]:
+    rss = soak["rss"]
+    run = soak["run"]
+    samples = rss["samples_mib"]
+    every = max(1, len(samples) // 24)
+    flat = "yes" if rss["flat"] else "**no**"
+    latency = run["latency_ms"]
+    source = soak.get("source", {})
+    code = f", code at commit {source['commit']}" if source.get("commit") else ""
+    return [
+        f"`{soak['command']}` on {soak['date']}{code}: project → APNs paced at "
+        f"{run['offered_rate']:,.0f} publishes/s for {soak['seconds']:,.0f} s "
+        f"({run['answered']:,} answered, {run['unanswered']:,} unanswered; "
+        f"p50 {_number(latency['p50'], 1)} ms, p99 {_number(latency['p99'], 1)} ms, "
+        f"p99.9 {_number(latency['p99_9'], 1)} ms).",
+        "",
+        "| RSS after warm-up | RSS at the end | growth after warm-up | growth in the 2nd half "
+        "| trend | peak RSS (VmHWM) | flat (≤ 5 MiB after warm-up) |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+        f"| {rss['after_warmup_mib']:.1f} MiB at {rss['warmup_seconds']:.0f} s "
+        f"| {rss['final_mib']:.1f} MiB | {rss['growth_mib']:+.1f} MiB "
+        f"| {rss.get('second_half_growth_mib', float('nan')):+.1f} MiB "
+        f"| {rss['slope_mib_per_10min']:+.2f} MiB/10 min | {rss['peak_mib']:.1f} MiB | {flat} |",
+        "",
+        "RSS samples (s → MiB): " + ", ".join(f"{t:.0f}→{mib:.1f}" for t, mib in samples[::every]),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Terminal
+
+
+def render_console(results: Mapping[str, Any]) -> str:
+    lines = [""]
+    if results.get("runs"):
+        lines += runs_table(results["runs"])
+    ratios = results.get("ratios", {})
+    if ratios:
+        lines.append("")
+        lines += [
+            f"project/baseline {_name(service)}: {ratio:.2f}×" for service, ratio in ratios.items()
+        ]
+    if results.get("sinks"):
+        lines += ["", *sinks_table(results["sinks"])]
+    if results.get("targets"):
+        lines += ["", *targets_table(results["targets"])]
+    lines += [f"* {note}" for note in results.get("notes", [])]
+    if results.get("soak"):
+        lines += ["", *soak_lines(results["soak"])]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# docs/performance.md
+
+_INTRO: Final = """\
+# Performance
+
+<!-- Written by bench/report.py: `bench/run` replaces this intro and the results
+     block, `bench/run --soak 600` the soak block; everything else in this file
+     (the findings, bench/registrations.py's section) is left as it is. -->
+
+How fast xmpp-push answers XEP-0357 publishes and delivers them, next to the
+straightforward implementation (slixmpp `ComponentXMPP` + `xep_0060` + `iq.reply()` +
+aioapns / aiohttp, in `bench/baseline.py`), on one machine. Run it with
+
+```sh
+bench/run                # full run: ~4 minutes on an idle machine (installs nginx, the bench extra)
+bench/run --quick        # 5,000 publishes per scenario, no profiles, ~1 minute
+bench/run --soak 600     # 10 minutes at half the maximum rate, RSS sampled every 5 s
+```
+
+How it measures (details in `bench/README.md`): the harness plays the XMPP server
+(XEP-0114) and sends publishes in Prosody's and ejabberd's exact shapes
+(PROTOCOLS.md §1.2) to 100,000 distinct device tokens, keeping a window of IQs
+outstanding (maximum rate) or pacing them (latency at half that rate). The component
+is a separate process started as in production (`python -m xmpp_push.cli run`), the
+baseline too (`python -m bench.baseline`); RSS is the kernel's high-water mark of that
+process, CPU its user+system time over the measured run. Pushes go to nginx sinks on
+loopback (APNs: HTTP/2 over TLS; FCM: HTTP/1.1 over TLS), one process each.
+Latency is publish sent → reply read, at the harness.
+"""
+
+
+def _block(name: str, body: Sequence[str]) -> str:
+    return "\n".join(
+        [_BLOCK.format(name=name, edge="begin"), *body, _BLOCK.format(name=name, edge="end")]
+    )
+
+
+def _existing_block(text: str, name: str) -> str | None:
+    begin = _BLOCK.format(name=name, edge="begin")
+    end = _BLOCK.format(name=name, edge="end")
+    start = text.find(begin)
+    stop = text.find(end)
+    if start < 0 or stop < 0:
+        return None
+    return text[start : stop + len(end)]
+
+
+def results_block(results: Mapping[str, Any]) -> str:
+    body = [
+        f"Measured {results['date']} with `{results['command']}` "
+        f"(results file `{results['results_file']}`).",
+        "",
+        *runs_table(results["runs"]),
+        "",
+    ]
+    ratios = results.get("ratios", {})
+    body += [
+        f"* project / baseline, {_name(service)}: **{ratio:.2f}×** publishes/s"
+        for service, ratio in ratios.items()
+    ]
+    body += ["", "### Targets", "", *targets_table(results["targets"])]
+    body += [
+        "",
+        "### Sinks",
+        "",
+        "Each sink's own ceiling: the project's provider client, several processes, "
+        "straight at the sink (no XMPP). The rate served is what those Python clients "
+        "manage on 2 cores; the sink's capacity is its requests per CPU-second (one core "
+        "of nginx), against the share of a core it used while the project ran flat out.",
+        "",
+        *sinks_table(results["sinks"]),
+    ]
+    notes = results.get("notes", [])
+    if notes:
+        body += ["", *(f"* {note}" for note in notes)]
+    if results.get("profiles"):
+        body += [
+            "",
+            "### Where the component spends its time",
+            "",
+            "py-spy (`--gil`: the Python work of the event loop), sampling the component "
+            "during a separate max-rate run; raw stacks in bench/results/.",
+            *profile_lines(results["profiles"]),
+        ]
+    body += ["", "### Machine", "", *machine_lines(results["machine"])]
+    source = results.get("source", {})
+    if source.get("commit"):
+        changed = source.get("uncommitted_product_files") or []
+        body.append(
+            f"* code: commit {source['commit']}"
+            + (f" plus uncommitted changes to {len(changed)} product files" if changed else "")
+        )
+    return _block("results", ["## Results", "", *body])
+
+
+def _replace_block(text: str, name: str, block: str) -> str:
+    """`text` with block `name` replaced by `block`, or `block` added at the end."""
+    old = _existing_block(text, name)
+    if old is not None:
+        return text.replace(old, block, 1)
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def update_docs(
+    path: Path, results: Mapping[str, Any] | None, soak: Mapping[str, Any] | None
+) -> None:
+    """Replace this benchmark's blocks of `path` (the intro, and the results or the soak
+    when given), adding any that are missing; every other byte stays as it is, since
+    others write parts of the file too (bench/registrations.py, the findings)."""
+    text = path.read_text() if path.is_file() else ""
+    if not text.strip():
+        text = "\n\n".join(
+            [
+                _block("intro", [_INTRO.rstrip("\n")]),
+                _block("results", ["## Results", "", "Not measured yet: run `bench/run`."]),
+                _block("soak", ["## Soak", "", "Not measured yet: run `bench/run --soak 600`."]),
+            ]
+        )
+    if _existing_block(text, "intro") is None:
+        text = _block("intro", [_INTRO.rstrip("\n")]) + "\n\n" + text
+    text = _replace_block(text, "intro", _block("intro", [_INTRO.rstrip("\n")]))
+    if results:
+        text = _replace_block(text, "results", results_block(results))
+    if soak:
+        text = _replace_block(text, "soak", _block("soak", ["## Soak", "", *soak_lines(soak)]))
+    path.write_text(text.rstrip("\n") + "\n")

@@ -1,0 +1,386 @@
+"""The benchmark's XMPP server: accepts the component (XEP-0114) and floods it with publishes.
+
+Built for throughput, not for generality: publishes are pre-formatted bytes, and the
+answers are found with a byte scan and two regular expressions instead of an XML
+parser, so that the load generator stays a small fraction of one core at the rates the
+component reaches. The component's answers are one IQ each, `result` or `error`
+(`<iq …/>` or `<iq …><error type='…'><condition/>…</error></iq>`), which is all the
+scan has to understand.
+
+Two ways to send (`ComponentLink.run`):
+
+* **window**: keep `window` publishes unanswered at all times (a closed loop; the
+  maximum rate the component sustains);
+* **paced**: send at a fixed `rate` on a schedule, whatever the answers do (an open
+  loop; latency at a given load). `window` still caps what is outstanding, and a send
+  that had to wait for that cap is counted in `late_sends`.
+
+Latency is from the moment a publish's bytes were handed to the socket to the moment
+its answer was read, both on this process's `perf_counter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Final
+
+from bench.workload import COMPONENT_JID, Workload
+
+__all__ = ["ComponentLink", "LoadServer", "RunResult"]
+
+STREAM_ID: Final = "b3nchstr34m"
+_STREAM_HEADER: Final = (
+    "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' "
+    "xmlns:stream='http://etherx.jabber.org/streams' "
+    f"id='{STREAM_ID}' from='{COMPONENT_JID}'>"
+).encode()
+_STREAM_CLOSE: Final = b"</stream:stream>"
+_HANDSHAKE = re.compile(rb"<handshake[^>]*>\s*([0-9a-fA-F]+)\s*</handshake>")
+_ID = re.compile(rb"""\sid=(["'])(.*?)\1""")
+_TYPE = re.compile(rb"""\stype=(["'])(.*?)\1""")
+_ERROR = re.compile(rb"""<error\b[^>]*?\btype=(["'])(.*?)\1[^>]*>\s*<([A-Za-z-]+)""")
+
+
+@dataclass
+class RunResult:
+    """What one run sent and got back."""
+
+    label: str
+    mode: str
+    requested: int
+    window: int
+    offered_rate: float | None = None
+    sent: int = 0
+    answered: int = 0
+    results: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    unexpected: int = 0
+    """Answers to ids this run never sent (or answered twice)."""
+    late_sends: int = 0
+    first_send: float = 0.0
+    last_send: float = 0.0
+    last_answer: float = 0.0
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    timeline: list[int] = field(default_factory=list)
+    """Answers in each second since the first send."""
+    stalled: bool = False
+
+    @property
+    def unanswered(self) -> int:
+        return self.sent - self.answered
+
+    @property
+    def seconds(self) -> float:
+        return max(self.last_answer - self.first_send, 1e-9)
+
+    @property
+    def rate(self) -> float:
+        """Answered publishes per second, first send to last answer."""
+        return self.answered / self.seconds
+
+    @property
+    def send_rate(self) -> float:
+        return self.sent / max(self.last_send - self.first_send, 1e-9)
+
+    def percentiles_ms(self, *points: float) -> dict[str, float]:
+        ordered = sorted(self.latencies)
+        out: dict[str, float] = {}
+        for point in points:
+            key = f"p{point:g}".replace(".", "_")
+            if not ordered:
+                out[key] = float("nan")
+                continue
+            rank = min(len(ordered) - 1, max(0, round(point / 100 * len(ordered)) - 1))
+            out[key] = ordered[rank] * 1000
+        return out
+
+
+class _Run:
+    def __init__(
+        self, link: ComponentLink, workload: Workload, start: int, result: RunResult
+    ) -> None:
+        self.link = link
+        self.workload = workload
+        self.next_index = start
+        self.end_index = start + result.requested
+        self.result = result
+        self.outstanding: dict[bytes, float] = {}
+        self.done = asyncio.get_running_loop().create_future()
+
+    def send(self, n: int) -> None:
+        """Send the next `n` publishes in one write."""
+        n = min(n, self.end_index - self.next_index)
+        if n <= 0:
+            return
+        chunks: list[bytes] = []
+        ids: list[bytes] = []
+        stanza = self.workload.stanza
+        for index in range(self.next_index, self.next_index + n):
+            iq_id, data = stanza(index)
+            ids.append(iq_id.encode())
+            chunks.append(data)
+        self.next_index += n
+        now = time.perf_counter()
+        self.link.write(b"".join(chunks))
+        outstanding = self.outstanding
+        for sent_id in ids:
+            outstanding[sent_id] = now
+        result = self.result
+        if result.sent == 0:
+            result.first_send = now
+        result.sent += n
+        result.last_send = now
+
+    def answered(self, iq_id: bytes, kind: bytes, error: str | None, now: float) -> bool:
+        sent_at = self.outstanding.pop(iq_id, None)
+        result = self.result
+        if sent_at is None:
+            result.unexpected += 1
+            return False
+        result.answered += 1
+        result.last_answer = now
+        result.latencies.append(now - sent_at)
+        second = int(now - result.first_send)
+        timeline = result.timeline
+        if second >= len(timeline):
+            timeline.extend([0] * (second + 1 - len(timeline)))
+        timeline[second] += 1
+        if kind == b"result":
+            result.results += 1
+        else:
+            key = error or kind.decode(errors="replace")
+            result.errors[key] = result.errors.get(key, 0) + 1
+        if result.answered == result.requested and not self.done.done():
+            self.done.set_result(None)
+        return True
+
+
+class ComponentLink(asyncio.Protocol):
+    """One component connection, from its stream header to its close."""
+
+    def __init__(self, secret: str, server: LoadServer) -> None:
+        self._secret = secret
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._state = "header"
+        self._run: _Run | None = None
+        self._window = 0
+        self.closed = asyncio.get_running_loop().create_future()
+        self.bytes_in = 0
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        run = self._run
+        if run is not None and not run.done.done():
+            run.result.stalled = True
+            run.done.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.bytes_in += len(data)
+        buffer = self._buffer
+        buffer += data
+        if self._state == "header":
+            start = buffer.find(b"<stream:stream")
+            if start < 0 or buffer.find(b">", start) < 0:
+                return
+            del buffer[: buffer.find(b">", start) + 1]
+            self.write(_STREAM_HEADER)
+            self._state = "handshake"
+        if self._state == "handshake":
+            match = _HANDSHAKE.search(buffer)
+            if match is None:
+                return
+            expected = hashlib.sha1((STREAM_ID + self._secret).encode()).hexdigest()
+            if match.group(1).decode().lower() != expected:
+                self.write(
+                    b"<stream:error><not-authorized "
+                    b"xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>" + _STREAM_CLOSE
+                )
+                self.close()
+                return
+            del buffer[: match.end()]
+            self.write(b"<handshake/>")
+            self._state = "open"
+            self._server._link_ready(self)
+        if self._state == "open":
+            self._answers(now)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    # -- stream -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _answers(self, now: float) -> None:
+        buffer = self._buffer
+        run = self._run
+        position = 0
+        matched = 0
+        while True:
+            start = buffer.find(b"<iq", position)
+            if start < 0:
+                break
+            head_end = buffer.find(b">", start)
+            if head_end < 0:
+                break
+            if buffer[head_end - 1] == 0x2F:  # '/': <iq …/>
+                end = head_end + 1
+                error = None
+            else:
+                close = buffer.find(b"</iq>", head_end)
+                if close < 0:
+                    break
+                end = close + 5
+                found = _ERROR.search(buffer, head_end, close)
+                error = (
+                    f"{found.group(2).decode()}/{found.group(3).decode()}"
+                    if found is not None
+                    else None
+                )
+            head = bytes(buffer[start : head_end + 1])
+            position = end
+            id_match = _ID.search(head)
+            type_match = _TYPE.search(head)
+            if run is None or id_match is None or type_match is None:
+                continue
+            if run.answered(id_match.group(2), type_match.group(2), error, now):
+                matched += 1
+        if _STREAM_CLOSE in buffer:
+            # The component is leaving: close our side as a server does.
+            self.write(_STREAM_CLOSE)
+            self.close()
+        if position:
+            del buffer[:position]
+        elif len(buffer) > 1 << 20:
+            del buffer[: len(buffer) - 64]  # nothing we read; keep a possible tag start
+        if run is not None and matched and self._window:
+            free = self._window - len(run.outstanding)
+            if free > 0:
+                run.send(free)
+
+    # -- runs -------------------------------------------------------------------
+
+    async def run(
+        self,
+        workload: Workload,
+        *,
+        label: str,
+        start: int,
+        count: int,
+        window: int,
+        rate: float | None = None,
+        stall_timeout: float = 30.0,
+        tick: float = 0.001,
+    ) -> RunResult:
+        """Send publishes `start` … `start+count-1`; return once all are answered,
+        the link closes, or no answer came for `stall_timeout` seconds."""
+        mode = "window" if rate is None else "paced"
+        result = RunResult(label, mode, count, window, offered_rate=rate)
+        run = _Run(self, workload, start, result)
+        self._run = run
+        try:
+            if rate is None:
+                self._window = window
+                run.send(window)
+                await self._wait(run, stall_timeout)
+            else:
+                self._window = 0
+                pacer = asyncio.create_task(self._pace(run, rate, window, tick))
+                try:
+                    await self._wait(run, stall_timeout)
+                finally:
+                    pacer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pacer
+        finally:
+            self._run = None
+            self._window = 0
+        return result
+
+    async def _wait(self, run: _Run, stall_timeout: float) -> None:
+        seen = -1
+        while not run.done.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(run.done), stall_timeout)
+            if run.done.done():
+                return
+            if run.result.answered == seen:
+                run.result.stalled = True
+                return
+            seen = run.result.answered
+
+    @staticmethod
+    async def _pace(run: _Run, rate: float, cap: int, tick: float) -> None:
+        began = time.perf_counter()
+        scheduled = 0
+        while run.next_index < run.end_index:
+            due = min(run.result.requested, int((time.perf_counter() - began) * rate) + 1)
+            want = due - scheduled
+            if want > 0:
+                room = cap - len(run.outstanding)
+                n = min(want, max(room, 0))
+                if n < want:
+                    run.result.late_sends += want - n
+                run.send(n)
+                scheduled += n
+            await asyncio.sleep(tick)
+
+
+class LoadServer:
+    """Listens on 127.0.0.1 for the component; each accepted handshake is one link."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._ready: asyncio.Queue[ComponentLink] = asyncio.Queue()
+        self._links: set[ComponentLink] = set()
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_link, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    def _new_link(self) -> ComponentLink:
+        link = ComponentLink(self.secret, self)
+        self._links.add(link)
+        link.closed.add_done_callback(lambda _: self._links.discard(link))
+        return link
+
+    def _link_ready(self, link: ComponentLink) -> None:
+        self._ready.put_nowait(link)
+
+    async def next_link(self, timeout: float) -> ComponentLink:
+        """The next component that completes its handshake."""
+        return await asyncio.wait_for(self._ready.get(), timeout)
+
+    async def stop(self) -> None:
+        for link in list(self._links):
+            link.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None

@@ -1,0 +1,79 @@
+"""The benchmark harness (bench/) still runs end to end: a tiny quick run, no baseline.
+
+It starts the sinks (nginx when installed, else the Python stand-ins), the component
+as `xmpp-push run` in its own process, and floods it from the harness's XMPP server;
+every publish must come back answered and the results file must carry the figures
+the documentation is made from.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PUBLISHES = 300
+
+
+def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: Path) -> None:
+    began = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--publishes",
+            str(PUBLISHES),
+            "--warmup",
+            "50",
+            "--paced-seconds",
+            "1",
+            "--no-baseline",
+            "--no-ceiling",
+            "--no-profile",
+            "--no-docs",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    took = time.monotonic() - began
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [results_file] = tmp_path.glob("*.json")
+    results = json.loads(results_file.read_text())
+
+    assert {"machine", "settings", "runs", "ratios", "sinks", "targets"} <= results.keys()
+    assert results["machine"]["cores"] >= 1
+    assert results["machine"]["libraries"]["slixmpp"]
+    runs = {(run["service"], run["mode"]): run for run in results["runs"]}
+    assert runs.keys() == {
+        ("apns", "window"),
+        ("fcm", "window"),
+        ("apns", "paced"),
+        ("fcm", "paced"),
+    }
+    for run in runs.values():
+        assert run["implementation"] == "project"
+        assert run["answered"] == run["sent"] == run["requested"]
+        assert run["unanswered"] == 0
+        assert run["results"] == run["answered"], run["errors"]
+        assert run["publishes_per_s"] > 0
+        assert {"p50", "p99", "p99_9", "max", "mean"} <= run["latency_ms"].keys()
+        assert run["component"]["peak_rss_mib"] > 10
+        assert run["component"]["cpu_cores"] > 0
+        assert "cpu_cores" in run["sink"]
+    assert runs[("apns", "window")]["requested"] == PUBLISHES
+    assert runs[("apns", "paced")]["offered_rate"] > 0
+    assert {target["target"] for target in results["targets"]} >= {
+        "APNs: ≥ 5,000 publishes/s",
+        "project peak RSS ≤ 120 MiB",
+    }
+    assert took < 20, f"the smoke run took {took:.1f} s"
