@@ -20,6 +20,7 @@ when `CI` is set.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 
@@ -42,6 +43,18 @@ def _start_with_users(server: Prosody | Ejabberd) -> None:
         server.register(user, password)
 
 
+@contextlib.contextmanager
+def _session_server(server: Prosody | Ejabberd, label: str) -> Iterator[None]:
+    """Start `server` with the accounts, note how long that took, stop it after."""
+    began = time.monotonic()
+    try:
+        _start_with_users(server)
+        _startup_seconds[label] = time.monotonic() - began
+        yield
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def prosody_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prosody]:
     require_server("prosody", PROSODY_PACKAGES)
@@ -49,13 +62,8 @@ def prosody_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prosody
         tmp_path_factory.mktemp("prosody-session"),
         ProsodyOptions(domain=DOMAIN, component_jid=COMPONENT_JID, component_secret="s3cret-p"),
     )
-    began = time.monotonic()
-    try:
-        _start_with_users(server)
-        _startup_seconds["prosody (incl. 3 accounts)"] = time.monotonic() - began
+    with _session_server(server, "prosody (incl. 3 accounts)"):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +73,8 @@ def ejabberd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ejabbe
         tmp_path_factory.mktemp("ejabberd-session"),
         EjabberdOptions(domain=DOMAIN, component_jid=COMPONENT_JID, component_secret="s3cret-e"),
     )
-    began = time.monotonic()
-    try:
-        _start_with_users(server)
-        _startup_seconds["ejabberd (incl. 3 accounts)"] = time.monotonic() - began
+    with _session_server(server, "ejabberd (incl. 3 accounts)"):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -26,10 +26,10 @@ from xmpp_push.core.publish_options import (
     MAX_TTL,
     RequestError,
     RequestProblem,
+    build_push,
     read_device,
     read_flag,
     read_priority,
-    read_ttl,
 )
 
 __all__ = [
@@ -94,19 +94,14 @@ def to_push(
         # A summary without a body is a stanza the server found not worth showing
         # (a chat state, a receipt): wake the app quietly instead of showing "New message".
         silent = not summary.body
-    priority = read_priority(options) or summary.priority_hint or policy.default_priority
-    mutable = read_flag(options, "mutable_content")
-    ttl = read_ttl(options)
-    return Push(
-        device=device,
-        content=filter_content(summary, policy.content),
-        priority=priority,
+    return build_push(
+        device,
+        filter_content(summary, policy.content),
+        options,
+        priority=read_priority(options) or summary.priority_hint or policy.default_priority,
         silent=silent,
-        ttl=policy.default_ttl if ttl is None else ttl,
-        created_at=now,
-        sound=options.get("sound") or None,
-        mutable_content=True if mutable is None else mutable,
-        click_action=options.get("click_action") or None,
+        default_ttl=policy.default_ttl,
+        now=now,
     )
 
 

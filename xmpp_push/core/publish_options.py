@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
-from xmpp_push.core.model import MAX_TTL, Device, InvalidDevice, Mode, Priority, Service
+from xmpp_push.core.model import (
+    MAX_TTL,
+    Content,
+    Device,
+    InvalidDevice,
+    Mode,
+    Priority,
+    Push,
+    Service,
+)
 
 __all__ = [
     "MAX_TTL",
@@ -116,3 +125,31 @@ def read_ttl(options: Mapping[str, str]) -> int | None:
     if not 0 <= ttl <= MAX_TTL:
         raise _bad(f"time_to_live must be between 0 and {MAX_TTL} seconds")
     return ttl
+
+
+def build_push(
+    device: Device,
+    content: Content,
+    options: Mapping[str, str],
+    *,
+    priority: Priority,
+    silent: bool,
+    default_ttl: int,
+    now: float,
+) -> Push:
+    """The push for `device`, with what the publish-options say about its delivery
+    (`time_to_live`, `sound`, `mutable_content`, `click_action`). Both modes build their
+    pushes here, with the readers that validate those options at enable time."""
+    mutable = read_flag(options, "mutable_content")
+    ttl = read_ttl(options)
+    return Push(
+        device=device,
+        content=content,
+        priority=priority,
+        silent=silent,
+        ttl=default_ttl if ttl is None else ttl,
+        created_at=now,
+        sound=options.get("sound") or None,
+        mutable_content=True if mutable is None else mutable,
+        click_action=options.get("click_action") or None,
+    )

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from xmpp_push.core.model import Content, Device, InvalidDevice, Mode, Priority, Push, Service
-from xmpp_push.core.publish_options import read_flag, read_ttl
+from xmpp_push.core.publish_options import build_push
 
 __all__ = [
     "EnableOutcome",
@@ -207,18 +207,12 @@ def push_for(
     device = registration.device()
     if device is None:
         return None
-    options = registration.options
-    # The same readers that validated these options at enable time.
-    mutable_content = read_flag(options, "mutable_content")
-    client_ttl = read_ttl(options)
-    return Push(
-        device=device,
-        content=content,
+    return build_push(
+        device,
+        content,
+        registration.options,
         priority=registration.priority(default_priority),
         silent=registration.silent(default_silent),
-        ttl=ttl if client_ttl is None else client_ttl,
-        created_at=now,
-        sound=options.get("sound") or None,
-        mutable_content=True if mutable_content is None else mutable_content,
-        click_action=options.get("click_action") or None,
+        default_ttl=ttl,
+        now=now,
     )
