@@ -647,6 +647,33 @@ class PolicyConfig:
         user's least recently enabled one (logged).""",
         _between(1, 1000),
     )
+    undecided_delay: float = _key(
+        5.0,
+        """Direct mode: seconds a session with push enabled may leave a message
+        unacknowledged (XEP-0198) before the server plugin reports it undecided and the
+        device is woken. The plugin follows this value (docs/plugin-protocol.md).""",
+        _between(0.1, 600),
+    )
+    hibernation_keepalive: int = _key(
+        259200,
+        """Direct mode: seconds a hibernated session with push enabled stays resumable in
+        the server (instead of the server's own resumption timeout), so the woken app
+        resumes it; 0 keeps the server's timeout.""",
+        _between(0, 30 * 86400),
+    )
+    coalesce_window: float = _key(
+        2.0,
+        """Direct mode: the first message for a device is pushed at once; more within
+        this many seconds are merged into one push at the end of the window, with the
+        count of the whole burst as its badge. 0 pushes every message.""",
+        _between(0, 300),
+    )
+    groupchat: Literal["mentions", "all", "none"] = _key(
+        "mentions",
+        """Direct mode, groupchat messages: `mentions` alerts for a mention and wakes the
+        app silently for the rest; `all` alerts for every one; `none` pushes only
+        mentions.""",
+    )
 
 
 @dataclass(frozen=True, slots=True)
