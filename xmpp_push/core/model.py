@@ -127,6 +127,9 @@ class Push:
     sound: str | None = None
     mutable_content: bool = True
     click_action: str | None = None
+    voip: bool = False
+    """A call invitation for an APNs PushKit token (`device.token` is the VoIP token):
+    sent as a VoIP push, which iOS hands to CallKit."""
 
     @property
     def expires_at(self) -> float:

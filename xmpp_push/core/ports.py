@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
-from xmpp_push.core.model import Push
+from xmpp_push.core.model import Content, Push
 
-__all__ = ["Provider"]
+__all__ = ["Forwarder", "Provider"]
 
 
 class Provider(Protocol):
@@ -25,3 +26,17 @@ class Provider(Protocol):
 
     async def aclose(self) -> None:
         """Finish or abandon in-flight requests and close connections."""
+
+
+class Forwarder(Protocol):
+    """Publishes a notification to another XEP-0357 app server (a FORWARD registration:
+    the client's enable named that server's JID)."""
+
+    async def forward(
+        self, push_jid: str, node: str, content: Content, options: Mapping[str, str]
+    ) -> None:
+        """Publish `content` to `node` at `push_jid` with the client's publish-options;
+        return when the app server answered `result`, raise `DeliveryError` otherwise
+        (TOKEN_DEAD for `item-not-found`, TRANSIENT for `wait` or no answer,
+        MISCONFIGURED for any other error)."""
+        ...

@@ -128,7 +128,14 @@ class ApnsRequest:
 def build_request(push: Push, default_topic: str) -> ApnsRequest:
     """The path, headers and JSON body APNs expects for `push`."""
     device = push.device
-    if push.silent:
+    topic = device.topic or default_topic
+    if push.voip:
+        # PushKit: its own topic suffix and push type; iOS requires the app to report a
+        # call for each one, so the payload says who calls (when the sender may be shown).
+        push_type, priority, topic = "voip", "10", f"{topic}.voip"
+        call = {"from": push.content.sender} if push.content.sender else {}
+        body = _json({"aps": {}, "call": call})
+    elif push.silent:
         # Apple requires priority 5 for background pushes and drops them otherwise.
         push_type, priority = "background", "5"
         body = _json({"aps": {"content-available": 1}})
@@ -137,7 +144,7 @@ def build_request(push: Push, default_topic: str) -> ApnsRequest:
         priority = "10" if push.priority is Priority.HIGH else "5"
         body = _alert_body(push)
     headers = {
-        "apns-topic": device.topic or default_topic,
+        "apns-topic": topic,
         "apns-push-type": push_type,
         "apns-priority": priority,
         # 0 tells APNs to try once and not store; any other value is an absolute time.
