@@ -12,17 +12,42 @@ import contextlib
 import hashlib
 from typing import cast
 from xml.etree import ElementTree as ET
+from xml.sax.saxutils import quoteattr
 
 __all__ = ["FakeXmppServer"]
 
 STREAM_ID = "f4k3s7r34m"
+_NS_PLUGIN = "urn:xmpp-push:plugin:1"
+
+
+def _is_plugin_request(element: ET.Element) -> bool:
+    return (
+        element.tag == "{jabber:component:accept}iq"
+        and element.get("type") in {"get", "set"}
+        and any(child.tag.startswith(f"{{{_NS_PLUGIN}}}") for child in element)
+    )
+
+
+def _unavailable(request: ET.Element) -> str:
+    return (
+        f"<iq type='error' id={quoteattr(request.get('id', ''))}"
+        f" from={quoteattr(request.get('to', ''))} to={quoteattr(request.get('from', ''))}>"
+        "<error type='cancel'><service-unavailable"
+        " xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+    )
 
 
 class FakeXmppServer:
-    def __init__(self, secret: str, *, greeting_extra: str = "") -> None:
+    def __init__(
+        self, secret: str, *, greeting_extra: str = "", plugin_requests: bool = False
+    ) -> None:
         self.secret = secret
         self.greeting_extra = greeting_extra
         """Raw XML sent in the same write as `<handshake/>`."""
+        self.plugin_requests = plugin_requests
+        """False: answer the component's server-plugin requests (docs/plugin-protocol.md)
+        `service-unavailable` on our own, as a server without the plugin does; True: hand
+        them to the test like every other stanza."""
         self.received: asyncio.Queue[ET.Element] = asyncio.Queue()
         self.handshakes = 0
         self.connected = asyncio.Event()
@@ -114,6 +139,9 @@ class FakeXmppServer:
                     self._writer = writer
                     self.connected.set()
                     writer.write(b"<handshake/>" + self.greeting_extra.encode())
+                    continue
+                if not self.plugin_requests and _is_plugin_request(element):
+                    writer.write(_unavailable(element).encode())
                     continue
                 await self.received.put(element)
 

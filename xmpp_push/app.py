@@ -20,6 +20,7 @@ from xmpp_push.core.dispatch import Dispatcher, RetryPolicy
 from xmpp_push.core.model import Mode, Priority, Service
 from xmpp_push.core.ports import Provider
 from xmpp_push.core.registrations import RegistrationStore
+from xmpp_push.core.wake import Groupchat, WakePolicy, Waker
 from xmpp_push.providers.apns import ApnsProvider
 from xmpp_push.providers.fcm import FcmProvider
 from xmpp_push.providers.log import LogProvider
@@ -28,6 +29,8 @@ from xmpp_push.storage.migrate import safe_url
 from xmpp_push.xmpp.appserver import AppServer
 from xmpp_push.xmpp.component import ComponentSettings, PushComponent
 from xmpp_push.xmpp.delegation import DelegationHandler, install_direct_mode
+from xmpp_push.xmpp.forward import XmppForwarder
+from xmpp_push.xmpp.plugin_link import PluginKnobs, PluginLink, install_plugin_link
 
 __all__ = ["Application", "build_application", "build_providers", "open_configured_store", "run"]
 
@@ -99,11 +102,15 @@ class Application:
     store: RegistrationStore
     direct_mode: DirectMode
     delegation: DelegationHandler
+    waker: Waker
+    plugin_link: PluginLink
 
     async def shutdown(self) -> None:
-        """Stop taking publishes, let in-flight deliveries finish within
-        `policy.drain_timeout` (the rest are answered `wait`), then close."""
+        """Stop taking publishes, send what coalescing holds back, let in-flight
+        deliveries finish within `policy.drain_timeout` (the rest are answered `wait`),
+        then close."""
         self.component.stop_accepting()
+        await self.waker.close()
         abandoned = await self.dispatcher.drain(self.config.policy.drain_timeout)
         await self.component.finish_answers(timeout=2.0)
         await self.component.close()
@@ -133,14 +140,15 @@ def build_application(
         ),
     )
     default_service = config.component.default_service
+    content_policy = ContentPolicy(
+        show_body=policy.show_body,
+        show_sender=policy.show_sender,
+        body_placeholder=policy.body_placeholder,
+    )
     app_server = AppServer(
         dispatcher,
         PublishPolicy(
-            content=ContentPolicy(
-                show_body=policy.show_body,
-                show_sender=policy.show_sender,
-                body_placeholder=policy.body_placeholder,
-            ),
+            content=content_policy,
             default_priority=Priority(policy.default_priority),
             default_ttl=policy.default_ttl,
             default_service=Service(default_service) if default_service else None,
@@ -163,8 +171,41 @@ def build_application(
         own_jids=frozenset({config.component.jid, *config.component.aliases}),
         max_per_owner=policy.max_registrations_per_user,
     )
-    delegation = install_direct_mode(component, direct_mode)
-    return Application(config, providers, dispatcher, component, store, direct_mode, delegation)
+    waker = Waker(
+        store,
+        dispatcher,
+        XmppForwarder(component, timeout=policy.reply_timeout),
+        WakePolicy(
+            content=content_policy,
+            default_priority=Priority(policy.default_priority),
+            default_ttl=policy.default_ttl,
+            coalesce_window=policy.coalesce_window,
+            groupchat=Groupchat(policy.groupchat),
+            quarantine=float(policy.quarantine),
+        ),
+    )
+    plugin_link = install_plugin_link(
+        component,
+        waker,
+        PluginKnobs(
+            undecided_delay=policy.undecided_delay,
+            hibernation_keepalive=policy.hibernation_keepalive,
+            include_body=policy.show_body,
+            include_sender=policy.show_sender,
+        ),
+    )
+    delegation = install_direct_mode(component, direct_mode, plugin_link)
+    return Application(
+        config,
+        providers,
+        dispatcher,
+        component,
+        store,
+        direct_mode,
+        delegation,
+        waker,
+        plugin_link,
+    )
 
 
 def _announce(config: Config, providers: dict[Service, Provider]) -> None:

@@ -217,6 +217,10 @@ class DirectMode:
         )
         return removed
 
+    async def registrations(self, owner: str) -> Sequence[Registration]:
+        """The owner's registrations as stored now."""
+        return await self._store.for_owner(owner)
+
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, owner: str) -> AsyncIterator[None]:
         # asyncio.Lock wakes its waiters first come, first served: calls for one owner

@@ -9,6 +9,7 @@ its own task, so a slow push network never holds up the stream.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import structlog
 from slixmpp import ComponentXMPP
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
+from slixmpp.xmlstream.matcher.base import MatcherBase
 from slixmpp.xmlstream.xmlstream import NotConnectedError
 
 from xmpp_push.xmpp.errors import (
@@ -76,6 +78,19 @@ class Backoff:
         self._next = self._first
 
 
+class _AnswerTo(MatcherBase):
+    """Matches the `result`/`error` IQ answering one of our own requests: one dict
+    lookup per IQ, so the publish path does not pay for it."""
+
+    def __init__(self, waiting: dict[str, asyncio.Future[Element]]) -> None:
+        super().__init__(None)
+        self._waiting = waiting
+
+    def match(self, xml: Any) -> bool:
+        element: Element = xml.xml
+        return element.get("type") in {"result", "error"} and element.get("id") in self._waiting
+
+
 class PushComponent(ComponentXMPP):
     def __init__(self, settings: ComponentSettings, on_publish: PublishHandler) -> None:
         # ComponentXMPP.__init__ carries no annotations in slixmpp 1.17.
@@ -90,6 +105,15 @@ class PushComponent(ComponentXMPP):
         """Set while the handshake is done and the link is up (tests and health wait on it)."""
         self.lost_for_good: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         """Resolved with a reason when the link is down and will not come back."""
+        self._requests: dict[str, asyncio.Future[Element]] = {}
+        self._request_ids = itertools.count(1)
+        self.register_handler(
+            Callback(
+                "xmpp-push answers to our requests",
+                _AnswerTo(self._requests),
+                lambda iq: self._on_request_answered(iq.xml),
+            )
+        )
         self.register_handler(
             Callback(
                 "xmpp-push publish",
@@ -149,6 +173,10 @@ class PushComponent(ComponentXMPP):
     def _on_disconnected(self, reason: Any) -> None:
         was_connected = self.connected_event.is_set()
         self.connected_event.clear()
+        for waiter in self._requests.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("the link to the server was lost"))
+        self._requests.clear()
         if self._stopping:
             return
         if was_connected:
@@ -215,6 +243,37 @@ class PushComponent(ComponentXMPP):
     def send_answer(self, data: str) -> None:
         """Send one pre-built stanza; dropped (and logged) while the link is down."""
         self._send_xml(data)
+
+    def send_request(
+        self, to: str, payload: str, *, kind: Literal["set", "get"] = "set", timeout: float = 10.0
+    ) -> asyncio.Future[Element]:
+        """Send `<iq type=kind>payload</iq>` to `to` now (so requests leave in call
+        order) and return a future for the answer: the `result` or `error` IQ element.
+        It fails with TimeoutError after `timeout` seconds, ConnectionError if the link
+        drops first or is down."""
+        waiter: asyncio.Future[Element] = asyncio.get_running_loop().create_future()
+        if not self.connected_event.is_set():
+            waiter.set_exception(ConnectionError("not connected"))
+            return waiter
+        iq_id = f"xp-{next(self._request_ids)}"
+        self._requests[iq_id] = waiter
+        timer = asyncio.get_running_loop().call_later(timeout, self._request_timed_out, iq_id)
+        waiter.add_done_callback(lambda _: timer.cancel())
+        self._send_xml(
+            f"<iq type='{kind}' id='{iq_id}' from={quoteattr(self._settings.jid)}"
+            f" to={quoteattr(to)}>{payload}</iq>"
+        )
+        return waiter
+
+    def _request_timed_out(self, iq_id: str) -> None:
+        waiter = self._requests.pop(iq_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError(f"no answer to {iq_id}"))
+
+    def _on_request_answered(self, xml: Element) -> None:
+        waiter = self._requests.pop(xml.get("id", ""), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(xml)
 
     def refusal(self) -> StanzaError | None:
         """The `wait` error to answer a request with while shutting down or while

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Sequence
+from typing import Protocol
 from xml.etree.ElementTree import Element
 
 import structlog
@@ -35,6 +37,7 @@ from slixmpp.jid import InvalidJID
 
 from xmpp_push.core.direct import DirectMode, DisableCommand, EnableCommand
 from xmpp_push.core.publish_options import RequestError
+from xmpp_push.core.registrations import Registration
 from xmpp_push.xmpp.component import PushComponent
 from xmpp_push.xmpp.errors import (
     FORBIDDEN_SENDER,
@@ -54,7 +57,7 @@ from xmpp_push.xmpp.push_stanzas import (
     wrapped_answer,
 )
 
-__all__ = ["DelegationHandler", "install_direct_mode"]
+__all__ = ["DelegationHandler", "SessionArming", "install_direct_mode"]
 
 log = structlog.get_logger(__name__)
 
@@ -68,12 +71,28 @@ NOT_YOUR_ACCOUNT = StanzaError(
 INTERNAL_ERROR = StanzaError("wait", "internal-server-error", "the registration could not be saved")
 
 
+class SessionArming(Protocol):
+    """The server plugin's side of enables (xmpp_push.xmpp.plugin_link.PluginLink)."""
+
+    def arm(self, full_jid: str) -> None: ...
+
+    def disarm(self, jid: str) -> None: ...
+
+    def delegation_granted(self, server: str) -> None: ...
+
+
 class DelegationHandler:
     """Answers delegated XEP-0357 IQs and records which servers granted delegation."""
 
-    def __init__(self, component: PushComponent, direct_mode: DirectMode) -> None:
+    def __init__(
+        self,
+        component: PushComponent,
+        direct_mode: DirectMode,
+        arming: SessionArming | None = None,
+    ) -> None:
         self._component = component
         self._direct_mode = direct_mode
+        self._arming = arming
         self._allowed_domains = component.settings.allowed_domains
         self.granted: dict[str, str] = {}
         """Server domain → delegation namespace, for each server that delegated
@@ -120,16 +139,9 @@ class DelegationHandler:
                         namespace=namespace,
                         delegation_namespace=delegation,
                     )
-                    if server not in self.granted:
-                        log.warning(
-                            "direct_mode_without_plugin",
-                            server=server,
-                            hint="enables are stored, but this version sends pushes to "
-                            "direct-mode registrations only through `xmpp-push send-test`: "
-                            "the server plugin that says when to wake them comes next "
-                            "(docs/direct-mode.md)",
-                        )
                     self.granted[server] = delegation
+                    if self._arming is not None:
+                        self._arming.delegation_granted(server)
                     self._grant_events[server].set()
 
     def on_link_lost(self) -> None:
@@ -214,8 +226,13 @@ class DelegationHandler:
         try:
             if isinstance(command, EnableCommand):
                 await self._direct_mode.enable(command)
+                if self._arming is not None and command.resource:
+                    # Before the answer, on the same stream: the session is armed by the
+                    # time the client hears `result`.
+                    self._arming.arm(f"{command.owner}/{command.resource}")
             else:
-                await self._direct_mode.disable(command)
+                removed = await self._direct_mode.disable(command)
+                await self._disarm_unused(command.owner, removed)
         except RequestError as problem:
             kind, condition = REQUEST_REPLIES[problem.problem]
             error = StanzaError(kind, condition, problem.text)
@@ -228,6 +245,14 @@ class DelegationHandler:
             self._refuse(request, answer_from, error)
             return
         self._component.send_answer(wrapped_answer(request, answer_from, None))
+
+    async def _disarm_unused(self, owner: str, removed: Sequence[Registration]) -> None:
+        """Disarm each session whose last registration `removed` took."""
+        if self._arming is None or not removed:
+            return
+        left = {row.resource for row in await self._direct_mode.registrations(owner)}
+        for resource in sorted({row.resource for row in removed if row.resource} - left):
+            self._arming.disarm(f"{owner}/{resource}")
 
     def _refuse(self, request: DelegatedIq, answer_from: str, error: StanzaError) -> None:
         log.info(
@@ -248,10 +273,13 @@ def _addresses_account(to: str, sender: JID) -> bool:
     return not target.resource and target.bare in {sender.bare, sender.domain}
 
 
-def install_direct_mode(component: PushComponent, direct_mode: DirectMode) -> DelegationHandler:
+def install_direct_mode(
+    component: PushComponent, direct_mode: DirectMode, arming: SessionArming | None = None
+) -> DelegationHandler:
     """Route delegated `urn:xmpp:push:0` IQs (both delegation versions) and the servers'
-    delegation advertisements to a new `DelegationHandler` over `direct_mode`."""
-    handler = DelegationHandler(component, direct_mode)
+    delegation advertisements to a new `DelegationHandler` over `direct_mode`; with
+    `arming`, tell the server plugin which sessions enabled push."""
+    handler = DelegationHandler(component, direct_mode, arming)
     for namespace in DELEGATION_NAMESPACES:
         component.add_handler(
             f"xmpp-push delegated iq ({namespace})",

@@ -1,0 +1,152 @@
+"""The component's side of the plugin protocol (docs/plugin-protocol.md), bare.
+
+Tests of the server plugins connect a `PluginPeer` to a real Prosody or ejabberd in
+place of xmpp-push, so that what the plugin sends is seen exactly as it went over the
+wire, with no decisions of the component in between. It answers every `notify`
+`result` (or what `answer_notify` says), answers `configure` gets with `knobs`, and can
+send `configure`, `arm` and `disarm` and wait for the answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Mapping
+from xml.etree.ElementTree import Element
+from xml.sax.saxutils import quoteattr
+
+from slixmpp import ComponentXMPP
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+__all__ = ["NS_PLUGIN", "PluginPeer", "running_peer"]
+
+NS_PLUGIN = "urn:xmpp-push:plugin:1"
+_NS_COMPONENT = "jabber:component:accept"
+
+
+def _attributes(values: Mapping[str, str]) -> str:
+    return "".join(f" {name}={quoteattr(value)}" for name, value in values.items())
+
+
+class PluginPeer(ComponentXMPP):
+    def __init__(
+        self,
+        jid: str,
+        secret: str,
+        host: str,
+        port: int,
+        *,
+        knobs: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(jid, secret, host, port)  # type: ignore[no-untyped-call]
+        self.knobs: dict[str, str] = dict(knobs or {})
+        """Attributes of the `<configure/>` answered to the plugin's get."""
+        self.notifies: asyncio.Queue[Element] = asyncio.Queue()
+        """Each `<notify/>` element received, in order."""
+        self.configure_gets: asyncio.Queue[Element] = asyncio.Queue()
+        self.answer_notify: str | None = None
+        """None answers `result`; otherwise raw `<error>…</error>` XML to answer with."""
+        self.connected_event = asyncio.Event()
+        self._waiting: dict[str, asyncio.Future[Element]] = {}
+        self._ids = itertools.count(1)
+        for name, path, handler in (
+            ("notify", f"{{{_NS_COMPONENT}}}iq/{{{NS_PLUGIN}}}notify", self._on_notify),
+            ("configure", f"{{{_NS_COMPONENT}}}iq/{{{NS_PLUGIN}}}configure", self._on_configure),
+            ("answers", f"{{{_NS_COMPONENT}}}iq", self._on_answer),
+        ):
+            self.register_handler(Callback(f"peer {name}", MatchXPath(path), handler))
+        self.add_event_handler("session_start", lambda _: self.connected_event.set())
+
+    def _on_notify(self, iq: object) -> None:
+        xml: Element = iq.xml  # type: ignore[attr-defined]
+        if xml.get("type") not in {"set", "get"}:
+            return
+        notify = xml.find(f"{{{NS_PLUGIN}}}notify")
+        assert notify is not None
+        self.notifies.put_nowait(notify)
+        self._reply(xml, self.answer_notify)
+
+    def _on_configure(self, iq: object) -> None:
+        xml: Element = iq.xml  # type: ignore[attr-defined]
+        if xml.get("type") != "get":
+            return
+        self.configure_gets.put_nowait(xml)
+        payload = f"<configure xmlns='{NS_PLUGIN}'{_attributes(self.knobs)}/>"
+        self._reply(xml, None, payload)
+
+    def _on_answer(self, iq: object) -> None:
+        xml: Element = iq.xml  # type: ignore[attr-defined]
+        if xml.get("type") not in {"result", "error"}:
+            if not any(child.tag.startswith(f"{{{NS_PLUGIN}}}") for child in xml):
+                # Not ours to judge (disco and the like): answer so nothing waits.
+                self._reply(
+                    xml,
+                    "<error type='cancel'><service-unavailable "
+                    "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>",
+                )
+            return
+        waiter = self._waiting.pop(xml.get("id", ""), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(xml)
+
+    def _reply(self, request: Element, error: str | None, payload: str = "") -> None:
+        kind = "result" if error is None else "error"
+        self.send_raw(
+            f"<iq type='{kind}' id={quoteattr(request.get('id', ''))}"
+            f" from={quoteattr(request.get('to', ''))} to={quoteattr(request.get('from', ''))}>"
+            f"{payload if error is None else error}</iq>"
+        )
+
+    async def request(self, to: str, payload: str, *, timeout: float = 10.0) -> Element:
+        """Send `<iq type='set'>payload</iq>` to `to`; the answer (result or error)."""
+        iq_id = f"peer-{next(self._ids)}"
+        waiter: asyncio.Future[Element] = asyncio.get_running_loop().create_future()
+        self._waiting[iq_id] = waiter
+        self.send_raw(
+            f"<iq type='set' id='{iq_id}' from={quoteattr(str(self.boundjid))}"
+            f" to={quoteattr(to)}>{payload}</iq>"
+        )
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._waiting.pop(iq_id, None)
+
+    async def configure(self, server: str, **knobs: str) -> Element:
+        """Send `<configure/>` with `knobs` (attribute names with `_` for `-`)."""
+        values = {name.replace("_", "-"): value for name, value in knobs.items()}
+        return await self.request(server, f"<configure xmlns='{NS_PLUGIN}'{_attributes(values)}/>")
+
+    async def arm(self, full_jid: str) -> Element:
+        server = full_jid.split("@", 1)[-1].split("/", 1)[0]
+        return await self.request(server, f"<arm xmlns='{NS_PLUGIN}' jid={quoteattr(full_jid)}/>")
+
+    async def disarm(self, jid: str) -> Element:
+        server = jid.split("@", 1)[-1].split("/", 1)[0]
+        return await self.request(server, f"<disarm xmlns='{NS_PLUGIN}' jid={quoteattr(jid)}/>")
+
+    async def next_notify(self, timeout: float = 10.0) -> Element:
+        return await asyncio.wait_for(self.notifies.get(), timeout)
+
+    async def no_notify(self, within: float) -> None:
+        """Fail if a `<notify/>` arrives within `within` seconds."""
+        with contextlib.suppress(TimeoutError):
+            notify = await asyncio.wait_for(self.notifies.get(), within)
+            raise AssertionError(f"unexpected notify: {notify.attrib}")
+
+
+@contextlib.asynccontextmanager
+async def running_peer(
+    jid: str, secret: str, host: str, port: int, *, knobs: Mapping[str, str] | None = None
+) -> AsyncIterator[PluginPeer]:
+    """A connected `PluginPeer`, disconnected after."""
+    peer = PluginPeer(jid, secret, host, port, knobs=knobs)
+    peer.connect()
+    try:
+        await asyncio.wait_for(peer.connected_event.wait(), 15)
+        yield peer
+    finally:
+        peer.disconnect(wait=1)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(peer.disconnected, 3)
