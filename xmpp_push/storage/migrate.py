@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Final
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -161,8 +158,17 @@ async def current_revision(url: str) -> str | None:
 
 
 def revision_of(connection: Connection) -> str | None:
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return context.get_current_revision()
+    """Read Alembic's version table with plain SQL: every start asks this, and
+    importing Alembic for it would cost the running service its memory (~5 MiB) for
+    good; Alembic is imported only when there is something to migrate."""
+    if not sa.inspect(connection).has_table(VERSION_TABLE):
+        return None
+    version = sa.table(VERSION_TABLE, sa.column("version_num"))
+    rows = connection.execute(sa.select(version.c.version_num)).all()
+    if len(rows) > 1:
+        heads = ", ".join(sorted(str(row[0]) for row in rows))
+        raise StorageError(f"the database has several schema heads ({heads}): restore a backup")
+    return str(rows[0][0]) if rows else None
 
 
 # --------------------------------------------------------------------------- internals
@@ -202,6 +208,9 @@ def _migrate(connection: Connection, revision: str, downgrade: bool) -> str | No
         current = revision_of(connection)
         if current is not None and current not in REVISIONS:
             raise SchemaOutOfDate(current, HEAD)
+        from alembic import command  # imported here: see revision_of
+        from alembic.config import Config
+
         config = Config()
         config.set_main_option("script_location", str(script_location()))
         config.attributes["connection"] = connection

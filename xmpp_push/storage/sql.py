@@ -1124,12 +1124,12 @@ async def open_store(
     policy = migrate
     if policy is MigratePolicy.AUTO:
         policy = MigratePolicy.UPGRADE if backend == "sqlite" else MigratePolicy.CHECK
-    if policy is MigratePolicy.UPGRADE:
-        await migrations.upgrade(url)
-    else:
-        current = await migrations.current_revision(url)
-        if current != migrations.HEAD:
+    current = await migrations.current_revision(url)
+    if current != migrations.HEAD:
+        if policy is not MigratePolicy.UPGRADE:
             raise SchemaOutOfDate(current, migrations.HEAD)
+        # Only now: a database already at HEAD starts without importing Alembic.
+        await migrations.upgrade(url)
 
     if backend == "sqlite":
         readers, writers = 1, 1
