@@ -21,8 +21,6 @@ from xmpp_push.core.model import Mode, Priority, Service
 from xmpp_push.core.ports import Provider
 from xmpp_push.core.registrations import RegistrationStore
 from xmpp_push.core.wake import Groupchat, WakePolicy, Waker
-from xmpp_push.providers.apns import ApnsProvider
-from xmpp_push.providers.fcm import FcmProvider
 from xmpp_push.providers.log import LogProvider
 from xmpp_push.storage import MigratePolicy, SqlStore, open_store
 from xmpp_push.storage.migrate import safe_url
@@ -53,7 +51,12 @@ def build_providers(config: Config) -> dict[Service, Provider]:
 
 
 def _build_real_providers(config: Config, providers: dict[Service, Provider]) -> None:
+    # Each provider's libraries (h2 and cryptography; aiohttp and google-auth) are
+    # imported only when its section is configured: unused, they would cost the process
+    # memory for its whole life (aiohttp and google-auth alone ≈ 10 MiB).
     if config.apns.enabled:
+        from xmpp_push.providers.apns import ApnsProvider
+
         providers[Service.APNS] = ApnsProvider(
             key_pem=Path(config.apns.key_file).read_bytes(),
             key_id=config.apns.key_id,
@@ -67,6 +70,8 @@ def _build_real_providers(config: Config, providers: dict[Service, Provider]) ->
             jwt_lifetime=float(config.apns.jwt_lifetime),
         )
     if config.fcm.enabled:
+        from xmpp_push.providers.fcm import FcmProvider
+
         providers[Service.FCM] = FcmProvider(
             service_account_file=config.fcm.service_account_file,
             project_id=config.fcm.project_id or None,
