@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hpack import Decoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,8 @@ from xmpp_push.providers.apns import (
     MAX_PAYLOAD_BYTES,
     ApnsProvider,
     ProviderToken,
+    _hpack_integer,
+    _LiteralEncoder,
     build_request,
 )
 
@@ -69,6 +72,20 @@ def test_silent_push_is_background_with_priority_5_and_no_content() -> None:
     assert request.headers["apns-push-type"] == "background"
     assert request.headers["apns-priority"] == "5"
     assert json.loads(request.body) == {"aps": {"content-available": 1}}
+
+
+def test_a_call_is_a_voip_push_on_the_voip_topic() -> None:
+    push = make_push(
+        voip=True,
+        priority=Priority.NORMAL,
+        content=Content(sender="bob@example.org"),
+        ttl=60,
+    )
+    request = build_request(push, TOPIC)
+    assert request.headers["apns-push-type"] == "voip"
+    assert request.headers["apns-topic"] == f"{TOPIC}.voip"
+    assert request.headers["apns-priority"] == "10"
+    assert json.loads(request.body) == {"aps": {}, "call": {"from": "bob@example.org"}}
 
 
 def test_ttl_zero_asks_apns_not_to_store() -> None:
@@ -301,3 +318,31 @@ def test_non_p256_key_is_refused(key: ec.EllipticCurvePrivateKey) -> None:
 
     with pytest.raises(ValueError, match="P-256"):
         ApnsProvider(**{**provider_options(key), "key_pem": p8(rsa_key)})
+
+
+# ---------------------------------------------------------------- HPACK without compression
+
+
+def test_literal_encoder_output_decodes_to_the_same_headers() -> None:
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":path", b"/3/device/" + b"ab" * 32),
+        (b":authority", b"api.push.apple.com"),
+        (b"authorization", b"bearer " + b"x" * 300),
+        (b"apns-topic", b"org.example.chat"),
+        (b"apns-push-type", b"alert"),
+        (b"content-length", b"1234"),
+    ]
+    encoder = _LiteralEncoder()
+    decoder = Decoder()
+    first, second = encoder.encode(headers), encoder.encode(headers)
+    assert decoder.decode(first, raw=True) == headers
+    assert decoder.decode(second, raw=True) == headers
+    assert first[0] == 0x20, "the first block turns the dynamic table off"
+    assert second[0] != 0x20
+    assert b"x" * 300 in second, "strings travel raw, not Huffman-coded"
+    # authorization (static name 23) is sent never-indexed (0001xxxx + 4-bit-prefix
+    # index: 0x1f 0x08), so no intermediary ever stores the JWT
+    jwt = b"bearer " + b"x" * 300
+    assert b"\x1f\x08" + _hpack_integer(len(jwt), 7, 0) + jwt in second

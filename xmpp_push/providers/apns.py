@@ -62,6 +62,8 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import H2Error, ProtocolError
+from hpack import Encoder
+from hpack.table import HeaderTable
 
 from xmpp_push.core.model import (
     DEFAULT_BODY,
@@ -200,6 +202,79 @@ def _shorten(text: str, excess: int) -> str:
 def _json(value: Any) -> bytes:
     # Raw UTF-8 instead of \u escapes: non-ASCII text costs less of the 4 KiB budget.
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------------------
+# HTTP/2 without the parts that cost and gain nothing here
+
+
+def _hpack_integer(value: int, prefix_bits: int, first_byte: int) -> bytes:
+    """RFC 7541 §5.1: `value` with an N-bit prefix, high bits of the first byte set."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first_byte | value,))
+    out = bytearray((first_byte | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_string(data: bytes) -> bytes:
+    return _hpack_integer(len(data), 7, 0x00) + data  # H=0: raw octets, no Huffman
+
+
+_STATIC_FIELDS: Final = {field: i for i, field in enumerate(HeaderTable.STATIC_TABLE, 1)}
+_STATIC_NAMES: Final = {
+    name: i for i, (name, _) in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))
+}
+_NEVER_INDEXED: Final = frozenset({b"authorization"})
+
+
+class _LiteralEncoder(Encoder):
+    """HPACK with no compression work: every field a literal with raw strings.
+
+    h2's encoder Huffman-codes every string and searches and maintains a dynamic
+    table; for APNs requests (a fresh path, apns-id and expiration each time, a JWT
+    worth sending as a never-indexed literal anyway) that was 27 % of the CPU per
+    push (docs/performance.md) to save a few dozen bytes on loopback-fast links.
+    The first block sets our dynamic table to size 0, so no later SETTINGS change
+    can oblige us to signal anything.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._table_off = False
+
+    def encode(  # type: ignore[override]
+        self, headers: list[tuple[bytes, bytes]], huffman: bool = True
+    ) -> bytes:
+        out = bytearray()
+        if not self._table_off:
+            out += _hpack_integer(0, 5, 0x20)  # dynamic table size update: 0
+            self._table_off = True
+        for name, value in headers:
+            full = _STATIC_FIELDS.get((name, value))
+            if full is not None:
+                out += _hpack_integer(full, 7, 0x80)  # indexed field
+                continue
+            first = 0x10 if name in _NEVER_INDEXED else 0x00
+            index = _STATIC_NAMES.get(name)
+            if index is not None:
+                out += _hpack_integer(index, 4, first)
+            else:
+                out += _hpack_integer(0, 4, first)
+                out += _hpack_string(name)
+            out += _hpack_string(value)
+        return bytes(out)
+
+
+class _H2Connection(H2Connection):
+    # h2 remembers the last 65,536 closed streams per connection to judge late
+    # frames (≈ 11 MiB once full); APNs answers promptly, a thousand is plenty.
+    MAX_CLOSED_STREAMS = 1024
 
 
 # --------------------------------------------------------------------------------------
@@ -413,15 +488,17 @@ class _Connection(asyncio.Protocol):
         self._ping_timeout = ping_timeout
         self._on_closed = on_closed
         self._log = _log.bind(host=origin.host, port=origin.port, connection=number)
-        self._h2 = H2Connection(
+        self._h2 = _H2Connection(
             H2Configuration(
                 client_side=True,
                 header_encoding=None,
                 # We build our headers lower-case and well-formed; skipping h2's
-                # checks on the way out saves time on every request.
+                # checks and rewriting on the way out saves time on every request.
                 validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
+        self._h2.encoder = _LiteralEncoder()
         self._transport: asyncio.Transport | None = None
         self.state = _State.CONNECTING
         self._settings_seen: asyncio.Future[None] = self._loop.create_future()
