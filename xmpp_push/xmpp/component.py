@@ -19,9 +19,6 @@ from xml.sax.saxutils import quoteattr
 
 import structlog
 from slixmpp import ComponentXMPP
-from slixmpp.xmlstream.handler import Callback
-from slixmpp.xmlstream.matcher import MatchXPath
-from slixmpp.xmlstream.matcher.base import MatcherBase
 from slixmpp.xmlstream.xmlstream import NotConnectedError
 
 from xmpp_push.xmpp.errors import (
@@ -40,6 +37,8 @@ log = structlog.get_logger(__name__)
 
 NS_COMPONENT = "jabber:component:accept"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+_IQ = f"{{{NS_COMPONENT}}}iq"
+_ROUTED = frozenset({_IQ, f"{{{NS_COMPONENT}}}message"})
 
 PublishHandler = Callable[[PublishRequest], Awaitable[StanzaError | None]]
 """Delivers one publish; returns the error to answer with, or None for `result`."""
@@ -78,19 +77,6 @@ class Backoff:
         self._next = self._first
 
 
-class _AnswerTo(MatcherBase):
-    """Matches the `result`/`error` IQ answering one of our own requests: one dict
-    lookup per IQ, so the publish path does not pay for it."""
-
-    def __init__(self, waiting: dict[str, asyncio.Future[Element]]) -> None:
-        super().__init__(None)
-        self._waiting = waiting
-
-    def match(self, xml: Any) -> bool:
-        element: Element = xml.xml
-        return element.get("type") in {"result", "error"} and element.get("id") in self._waiting
-
-
 class PushComponent(ComponentXMPP):
     def __init__(self, settings: ComponentSettings, on_publish: PublishHandler) -> None:
         # ComponentXMPP.__init__ carries no annotations in slixmpp 1.17.
@@ -107,26 +93,10 @@ class PushComponent(ComponentXMPP):
         """Resolved with a reason when the link is down and will not come back."""
         self._requests: dict[str, asyncio.Future[Element]] = {}
         self._request_ids = itertools.count(1)
-        self.register_handler(
-            Callback(
-                "xmpp-push answers to our requests",
-                _AnswerTo(self._requests),
-                lambda iq: self._on_request_answered(iq.xml),
-            )
-        )
-        self.register_handler(
-            Callback(
-                "xmpp-push publish",
-                MatchXPath(f"{{{NS_COMPONENT}}}iq/{{{NS_PUBSUB}}}pubsub"),
-                lambda iq: self._guarded(self._on_pubsub_iq, iq.xml),
-            )
-        )
-        self.register_handler(
-            Callback(
-                "xmpp-push disco#info",
-                MatchXPath(f"{{{NS_COMPONENT}}}iq/{{{NS_DISCO_INFO}}}query"),
-                lambda iq: self._guarded(self._on_disco_info, iq.xml),
-            )
+        self._routes: dict[tuple[str, str], StanzaHandler] = {}
+        self.add_handler("xmpp-push publish", "iq", f"{{{NS_PUBSUB}}}pubsub", self._on_pubsub_iq)
+        self.add_handler(
+            "xmpp-push disco#info", "iq", f"{{{NS_DISCO_INFO}}}query", self._on_disco_info
         )
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
@@ -214,13 +184,31 @@ class PushComponent(ComponentXMPP):
     ) -> None:
         """Hand each `iq` or `message` with a child element `child` ("{namespace}tag") to
         `handler` as raw ElementTree. The handler answers through `send_answer`."""
-        self.register_handler(
-            Callback(
-                name,
-                MatchXPath(f"{{{NS_COMPONENT}}}{stanza}/{child}"),
-                lambda stanza_object: self._guarded(handler, stanza_object.xml),
-            )
-        )
+        key = (f"{{{NS_COMPONENT}}}{stanza}", child)
+        if key in self._routes:
+            raise ValueError(f"{name}: {stanza}/{child} already has a handler")
+        self._routes[key] = handler
+
+    def _spawn_event(self, xml: Element) -> None:
+        # The lean path (PROTOCOLS.md §8): our stanzas go from the parser straight to
+        # their handler by one dict lookup, without slixmpp's stanza objects and
+        # without running every registered matcher on every stanza. Everything else
+        # (the handshake, stream errors, IQs nobody routes) takes slixmpp's way.
+        xml = self.incoming_filter(xml)  # type: ignore[no-untyped-call]
+        tag = xml.tag
+        if tag == _IQ and xml.get("type") in {"result", "error"}:
+            waiter = self._requests.pop(xml.get("id", ""), None)
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(xml)
+                return
+        if tag in _ROUTED:
+            for child in xml:
+                handler = self._routes.get((tag, child.tag))
+                if handler is not None:
+                    self._guarded(handler, xml)
+                    return
+        super()._spawn_event(xml)
 
     def _guarded(self, handler: StanzaHandler, xml: Element) -> None:
         """Run a handler; a bug in it must not become slixmpp's default reply
@@ -269,11 +257,6 @@ class PushComponent(ComponentXMPP):
         waiter = self._requests.pop(iq_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError(f"no answer to {iq_id}"))
-
-    def _on_request_answered(self, xml: Element) -> None:
-        waiter = self._requests.pop(xml.get("id", ""), None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(xml)
 
     def refusal(self) -> StanzaError | None:
         """The `wait` error to answer a request with while shutting down or while
