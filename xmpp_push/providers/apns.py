@@ -231,6 +231,8 @@ _STATIC_NAMES: Final = {
     name: i for i, (name, _) in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))
 }
 _NEVER_INDEXED: Final = frozenset({b"authorization"})
+_VARYING: Final = frozenset({b":path", b"apns-id", b"apns-expiration", b"content-length"})
+"""Fields that differ per request: not worth remembering."""
 
 
 class _LiteralEncoder(Encoder):
@@ -247,6 +249,8 @@ class _LiteralEncoder(Encoder):
     def __init__(self) -> None:
         super().__init__()
         self._table_off = False
+        self._fields: dict[tuple[bytes, bytes], bytes] = {}
+        """Encoded fields that repeat (method, authority, topic, push type...)."""
 
     def encode(  # type: ignore[override]
         self, headers: list[tuple[bytes, bytes]], huffman: bool = True
@@ -255,26 +259,48 @@ class _LiteralEncoder(Encoder):
         if not self._table_off:
             out += _hpack_integer(0, 5, 0x20)  # dynamic table size update: 0
             self._table_off = True
-        for name, value in headers:
-            full = _STATIC_FIELDS.get((name, value))
-            if full is not None:
-                out += _hpack_integer(full, 7, 0x80)  # indexed field
-                continue
-            first = 0x10 if name in _NEVER_INDEXED else 0x00
-            index = _STATIC_NAMES.get(name)
-            if index is not None:
-                out += _hpack_integer(index, 4, first)
-            else:
-                out += _hpack_integer(0, 4, first)
-                out += _hpack_string(name)
-            out += _hpack_string(value)
+        fields = self._fields
+        for field in headers:
+            encoded = fields.get(field)
+            if encoded is None:
+                encoded = _hpack_field(*field)
+                if field[0] not in _VARYING:
+                    if len(fields) >= 256:  # JWTs rotate: forget the old ones
+                        fields.clear()
+                    fields[field] = encoded
+            out += encoded
         return bytes(out)
+
+
+def _hpack_field(name: bytes, value: bytes) -> bytes:
+    full = _STATIC_FIELDS.get((name, value))
+    if full is not None:
+        return _hpack_integer(full, 7, 0x80)  # indexed field
+    first = 0x10 if name in _NEVER_INDEXED else 0x00
+    index = _STATIC_NAMES.get(name)
+    if index is not None:
+        return _hpack_integer(index, 4, first) + _hpack_string(value)
+    return _hpack_integer(0, 4, first) + _hpack_string(name) + _hpack_string(value)
 
 
 class _H2Connection(H2Connection):
     # h2 remembers the last 65,536 closed streams per connection to judge late
     # frames (≈ 11 MiB once full); APNs answers promptly, a thousand is plenty.
     MAX_CLOSED_STREAMS = 1024
+    _SWEEP_EVERY = 64
+    _opened = 0
+
+    @property
+    def open_outbound_streams(self) -> int:
+        # h2 asks this before every new stream and answers by walking every stream it
+        # holds (4 % of the CPU per push). `_Connection` already admits no more than
+        # the server's SETTINGS_MAX_CONCURRENT_STREAMS, so h2's own check is redundant;
+        # the walk is kept every 64th stream for what it also does: moving closed
+        # streams out of `self.streams`.
+        self._opened += 1
+        if self._opened % self._SWEEP_EVERY == 0:
+            return super().open_outbound_streams
+        return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -496,6 +522,9 @@ class _Connection(asyncio.Protocol):
                 # checks and rewriting on the way out saves time on every request.
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
+                # We read only `:status` and `apns-id` of the answers.
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
             )
         )
         self._h2.encoder = _LiteralEncoder()
