@@ -16,17 +16,24 @@ How it is run, and why (PROTOCOLS.md §9):
   several instances do not collide.
 * `inetrc` resolves `localhost` from a file (no DNS); `s2s_access: none` keeps
   everything on loopback.
+* With `xmpp_push_plugin`, plugins/ejabberd/mod_xmpp_push.erl is compiled by its own
+  build.sh (once per source version: the `.beam` is kept in a world-readable directory
+  of the temp dir named after the source's hash) and loaded from there with `-pa`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
+import shutil
 import stat
 import subprocess
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,8 @@ INSTALL_HINT = "the Debian package ejabberd"
 SYSTEM_USER = "ejabberd"
 NS_PUSH = "urn:xmpp:push:0"
 STARTED_LINE = " is started in the node "
+PLUGIN_SOURCE_DIR = Path(__file__).resolve().parents[2] / "plugins" / "ejabberd"
+PLUGIN_MODULE = "mod_xmpp_push"
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,14 @@ class EjabberdOptions(ServerOptions):
     extra_modules: str = ""
     """YAML for more entries under `modules:`, indented as top-level keys
     (e.g. "mod_foo:\\n  opt: 1"); indented for you."""
+    extra_components: Mapping[str, str] = field(default_factory=dict)
+    """More XEP-0114 components on the same listener, JID → secret (e.g. a second
+    push service, or a component that is not the plugin's)."""
     code_paths: tuple[str, ...] = ()
     """Directories with extra `.beam` files, added to Erlang's code path (`-pa`)."""
+    xmpp_push_plugin: bool = False
+    """Build plugins/ejabberd/mod_xmpp_push.erl and load it with `component` set to
+    `component_jid` (docs/plugin-protocol.md)."""
 
 
 class Ejabberd(LoopbackServer[EjabberdOptions]):
@@ -208,7 +223,10 @@ class Ejabberd(LoopbackServer[EjabberdOptions]):
 
     def _ctl_config(self) -> str:
         erl_options = ["-env ERL_CRASH_DUMP_BYTES 0"]
-        for path in self.options.code_paths:
+        code_paths = list(self.options.code_paths)
+        if self.options.xmpp_push_plugin:
+            code_paths.append(str(build_plugin()))
+        for path in code_paths:
             if any(char.isspace() or char in "\"'$`\\" for char in path):
                 raise ValueError(f"code path must not contain spaces or quotes: {path!r}")
             erl_options.append(f"-pa {path}")
@@ -268,6 +286,14 @@ def render_config(options: EjabberdOptions, *, c2s_port: int, component_port: in
         "    hosts:",
         f"      {component}:",
         f"        password: {q(options.component_secret)}",
+    ]
+    if options.extra_components:
+        for jid, secret in options.extra_components.items():
+            lines += [f"      {q(jid)}:", f"        password: {q(secret)}"]
+        # By default every component connection on this listener routes *all* of its
+        # hosts, so one component would receive the stanzas meant for another.
+        lines.append("    global_routes: false")
+    lines += [
         "acl:",
         "  local:",
         '    user_regexp: ""',
@@ -330,5 +356,63 @@ def render_config(options: EjabberdOptions, *, c2s_port: int, component_port: in
             "    presence:",
             "      managed_entity: push_component_rule",
         ]
+    if options.xmpp_push_plugin:
+        lines += [
+            f"  {PLUGIN_MODULE}:",
+            f"    component: {component}",
+        ]
     lines += ["  " + line for line in options.extra_modules.splitlines()]
     return "\n".join(lines) + "\n"
+
+
+_built_plugins: dict[str, Path] = {}
+
+
+def build_plugin() -> Path:
+    """The directory holding mod_xmpp_push.beam built from the current source, built
+    by plugins/ejabberd/build.sh the first time this source version is asked for.
+
+    The directory lives in the temp dir, is named after the hash of the source and
+    the build script, and is readable by everyone (ejabberd runs as its own user);
+    a build goes to a scratch directory first and is renamed into place, so that a
+    half-written `.beam` is never loaded."""
+    digest = hashlib.sha256()
+    for name in (f"{PLUGIN_MODULE}.erl", "build.sh"):
+        digest.update((PLUGIN_SOURCE_DIR / name).read_bytes())
+    key = digest.hexdigest()[:16]
+    if key in _built_plugins:
+        return _built_plugins[key]
+    target = Path(tempfile.gettempdir()) / f"xmpp-push-ejabberd-plugin-{os.geteuid()}-{key}"
+    beam = target / f"{PLUGIN_MODULE}.beam"
+    if not (beam.is_file() and target.stat().st_uid == os.geteuid()):
+        shutil.rmtree(target, ignore_errors=True)
+        scratch = Path(tempfile.mkdtemp(prefix="xmpp-push-ejabberd-build-"))
+        try:
+            done = subprocess.run(
+                ["sh", str(PLUGIN_SOURCE_DIR / "build.sh"), str(scratch)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if done.returncode != 0 or not (scratch / beam.name).is_file():
+                raise ServerError(
+                    f"building {PLUGIN_MODULE} failed ({done.returncode}): "
+                    f"{done.stdout.strip()} {done.stderr.strip()}"
+                )
+            # erlc warnings (on stdout) are errors here: the module must build cleanly.
+            if "Warning:" in done.stdout + done.stderr:
+                raise ServerError(f"{PLUGIN_MODULE} built with warnings: {done.stdout.strip()}")
+            scratch.chmod(0o755)
+            (scratch / beam.name).chmod(0o644)
+            try:
+                scratch.rename(target)
+            except OSError:
+                if not beam.is_file():  # not a parallel run that got there first
+                    raise
+                shutil.rmtree(scratch, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+    _built_plugins[key] = target
+    return target
