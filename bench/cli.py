@@ -4,9 +4,12 @@ The plan of a default run (each scenario in a fresh component process):
 
 1. project → APNs and project → FCM at the maximum rate (a window of outstanding IQs);
 2. project → APNs and → FCM paced at half the maximum rate just measured (latency);
-3. baseline → APNs and → FCM at the maximum rate;
-4. each sink's own ceiling, loaded straight by the project's provider client;
-5. py-spy profiles of the project during two more max-rate runs (not in the figures).
+3. scale-out: `--processes` project processes (2) on one PostgreSQL database, each with
+   its own connection of the one component JID, → APNs at the maximum rate, against
+   step 1's single process;
+4. baseline → APNs and → FCM at the maximum rate;
+5. each sink's own ceiling, loaded straight by the project's provider client;
+6. py-spy profiles of the project during two more max-rate runs (not in the figures).
 
 `--soak SECONDS` instead runs the project → APNs paced for that long, sampling RSS.
 """
@@ -25,18 +28,29 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from bench import report
-from bench.processes import IMPLEMENTATIONS, REPO, SECRET, RunningComponent, write_config
+from bench.processes import (
+    IMPLEMENTATIONS,
+    POSTGRESQL_URL,
+    REPO,
+    SECRET,
+    DatabaseUnavailable,
+    RunningComponent,
+    database_backends,
+    prepare_postgresql,
+    upgrade_database,
+    write_config,
+)
 from bench.procstat import CpuClock, RssSampler, machine_busy_seconds, wait_for_quiet
 from bench.profiling import PySpy, pyspy_path, summarise
 from bench.sinks import Sink, start_sink
-from bench.workload import AppServerWorkload, TokenSet, Workload
-from bench.xmppserver import ComponentLink, LoadServer, RunResult
+from bench.workload import COMPONENT_JID, AppServerWorkload, TokenSet, Workload
+from bench.xmppserver import ComponentLink, LoadServer, RunResult, percentiles_ms, run_on_links
 
 __all__ = ["main"]
 
@@ -61,16 +75,19 @@ class Scenario:
     implementation: str
     service: str
     mode: str
-    """"window" (maximum rate), "paced" or "soak"."""
+    """"window" (maximum rate), "paced", "soak" or "scaleout" (window, several processes)."""
     publishes: int
     window: int
     rate: float | None = None
     profile: bool = False
     sample_every: float = 0.5
+    processes: int = 1
 
     @property
     def label(self) -> str:
         label = f"{self.implementation}-{self.service}-{self.mode}"
+        if self.mode == "scaleout":
+            label += f"-{self.processes}"
         return label + "-profiled" if self.profile else label
 
 
@@ -116,12 +133,18 @@ def _rusage_cpu() -> float:
 
 async def run_scenario(bench: Bench, scenario: Scenario) -> dict[str, Any]:
     """Run `scenario`; again (up to --retries times) while other load disturbed it."""
-    record = await _run_once(bench, scenario)
+    return await _least_disturbed(bench, scenario.label, lambda: _run_once(bench, scenario))
+
+
+async def _least_disturbed(
+    bench: Bench, label: str, once: Callable[[], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    record = await once()
     for attempt in range(bench.args.retries):
         if record["machine"]["other_cores"] <= NOISY_CORES:
             break
-        bench.log(f"  disturbed: running {scenario.label} again ({attempt + 1})")
-        again = await _run_once(bench, scenario)
+        bench.log(f"  disturbed: running {label} again ({attempt + 1})")
+        again = await once()
         again["attempts"] = attempt + 2
         if again["machine"]["other_cores"] < record["machine"]["other_cores"]:
             record = again
@@ -351,6 +374,191 @@ async def measure_ceiling(bench: Bench, service: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
+# Scale-out
+
+BALANCING: Final = (
+    "one component JID, one connection per process; each publish to a connection picked "
+    "at random, one window of outstanding IQs over all of them (ejabberd's router without "
+    "domain_balancing: phash2(system_time) per stanza, blind to each connection's backlog)"
+)
+
+
+async def scale_out(bench: Bench, single: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`--processes` project processes sharing the PostgreSQL database, each with its
+    own connection of the one component JID, → APNs at the maximum rate; against
+    `single`, the one-process APNs window run of this invocation. None when the
+    database cannot be used (a note says why)."""
+    args = bench.args
+    scenario = Scenario(
+        "project", "apns", "scaleout", args.publishes, args.window, processes=args.processes
+    )
+    workload = bench.workload(scenario.service)
+    workload.prepare(bench.directory)
+    extra = workload.config_sections()
+    for section, values in args.overrides.items():
+        extra.setdefault(section, {}).update(values)
+    # Every process the same config, as a deployment behind one JID has.
+    extra.setdefault("storage", {})["url"] = args.postgresql_url
+    config = write_config(
+        bench.directory / f"{scenario.label}.toml",
+        port=bench.server.port,
+        sinks=bench.sinks,
+        extra=extra,
+    )
+    try:
+        await prepare_postgresql(args.postgresql_url)
+        upgraded = await upgrade_database(config)
+    except DatabaseUnavailable as exc:
+        bench.log(f"{scenario.label}: skipped: {exc}")
+        bench.notes.append(f"scale-out skipped: {exc}")
+        return None
+    bench.log(f"database: {upgraded}")
+    record = await _least_disturbed(
+        bench, scenario.label, lambda: _scale_out_once(bench, scenario, config)
+    )
+    record["storage"] = _safe_url(args.postgresql_url)
+    record["database_upgrade"] = upgraded
+    record["single_process"] = {
+        key: single[key]
+        for key in ("label", "publishes_per_s", "latency_ms", "component", "window", "answered")
+    }
+    record["single_process"]["other_cores"] = single.get("machine", {}).get("other_cores")
+    record["ratio"] = record["publishes_per_s"] / max(single["publishes_per_s"], 1e-9)
+    record["noisy_cores"] = NOISY_CORES
+    bench.log(
+        f"  {record['processes']} processes: {record['ratio']:.2f}× the single process "
+        f"({single['publishes_per_s']:,.0f}/s)"
+    )
+    return record
+
+
+async def _scale_out_once(bench: Bench, scenario: Scenario, config: Path) -> dict[str, Any]:
+    args = bench.args
+    workload = bench.workload(scenario.service)
+    count = scenario.processes
+    components = [
+        RunningComponent(
+            IMPLEMENTATIONS["project"],
+            config,
+            bench.directory / f"{scenario.label}-process{slot + 1}.log",
+        )
+        for slot in range(count)
+    ]
+    waited = await _quiet(bench)
+    bench.log(
+        f"{scenario.label}: {scenario.publishes:,} publishes over {count} processes "
+        f"(one window of {scenario.window})"
+    )
+    try:
+        # One after the other, so that link i is process i's connection.
+        links: list[ComponentLink] = []
+        for component in components:
+            await component.start()
+            links.append(await _connect(bench, component))
+        warmups = await asyncio.gather(
+            *(
+                link.run(
+                    workload,
+                    label="warmup",
+                    start=slot * args.warmup,
+                    count=args.warmup,
+                    window=max(1, scenario.window // count),
+                )
+                for slot, link in enumerate(links)
+            )
+        )
+        for slot, warmup in enumerate(warmups):
+            if warmup.unanswered:
+                raise ScenarioFailed(
+                    f"warm-up of process {slot + 1}: {warmup.unanswered} unanswered\n"
+                    + components[slot].log_tail()
+                )
+        pids = [component.pid for component in components]
+        backends = await database_backends(args.postgresql_url)
+        clocks = [CpuClock([pid]) for pid in pids]
+        total = CpuClock(pids)
+        database_clock = CpuClock(backends)
+        sink_clock = bench.sinks[scenario.service].cpu_clock()
+        harness_cpu = _rusage_cpu()
+        machine_busy = machine_busy_seconds()
+        for clock in [*clocks, total, database_clock, sink_clock]:
+            clock.start()
+        result = await run_on_links(
+            links,
+            workload,
+            label=scenario.label,
+            start=count * args.warmup,
+            count=scenario.publishes,
+            window=scenario.window,
+            stall_timeout=args.stall_timeout,
+        )
+        for clock in [*clocks, total, database_clock, sink_clock]:
+            clock.stop()
+        machine_busy = machine_busy_seconds() - machine_busy
+        harness_cpu = _rusage_cpu() - harness_cpu
+        peaks_kib = [component.peak_rss_kib() for component in components]
+    finally:
+        await asyncio.gather(*(component.stop() for component in components))
+
+    # "component": all the processes together (peak RSS: the sum of their peaks).
+    record = _record(scenario, result, total, sink_clock, harness_cpu, sum(peaks_kib))
+    record["processes"] = count
+    record["component_jid"] = COMPONENT_JID
+    record["balancing"] = BALANCING
+    record["component"]["peak_rss_mib_max"] = max(peaks_kib) / 1024
+    per_process: list[dict[str, Any]] = []
+    for slot, component in enumerate(components):
+        answered = result.link_answered[slot]
+        latencies = result.link_latencies[slot] if count > 1 else result.latencies
+        latency = percentiles_ms(latencies, 50, 99, 99.9)
+        per_process.append(
+            {
+                "process": slot + 1,
+                "sent": result.link_sent[slot],
+                "answered": answered,
+                "share": answered / max(result.answered, 1),
+                "publishes_per_s": answered / result.seconds,
+                "latency_ms": latency,
+                "peak_rss_mib": peaks_kib[slot] / 1024,
+                "cpu_cores": clocks[slot].cores,
+                "cpu_us_per_publish": 1e6 * clocks[slot].cpu / max(answered, 1),
+                "exit_code": component.exit_code,
+            }
+        )
+    record["per_process"] = per_process
+    record["database"] = {"backends": len(backends), "cpu_cores": database_clock.cores}
+    ours = total.cpu + sink_clock.cpu + harness_cpu + database_clock.cpu
+    record["machine"] = {
+        "busy_cores": machine_busy / total.wall,
+        "other_cores": max(0.0, machine_busy - ours) / total.wall,
+        "waited_for_quiet_s": round(waited, 1),
+    }
+    latency = record["latency_ms"]
+    bench.log(
+        f"  {record['publishes_per_s']:,.0f}/s together, p50 {latency['p50']:.1f} ms, "
+        f"p99 {latency['p99']:.1f} ms, CPU {total.cores:.2f} cores"
+        + (f", {result.unanswered} UNANSWERED" if result.unanswered else "")
+        + (f", errors {result.errors}" if result.errors else "")
+    )
+    for entry in per_process:
+        bench.log(
+            f"    process {entry['process']}: {entry['answered']:,} answered "
+            f"({entry['share']:.0%}), {entry['publishes_per_s']:,.0f}/s, "
+            f"peak RSS {entry['peak_rss_mib']:.1f} MiB, CPU {entry['cpu_cores']:.2f} cores"
+        )
+    other = record["machine"]["other_cores"]
+    if other > NOISY_CORES:
+        bench.log(f"  WARNING: other processes used {other:.2f} cores during this run")
+    return record
+
+
+def _safe_url(url: str) -> str:
+    from xmpp_push.storage.migrate import safe_url
+
+    return safe_url(url)
+
+
+# --------------------------------------------------------------------------------------
 # Plans
 
 
@@ -374,6 +582,13 @@ async def benchmark(bench: Bench) -> dict[str, Any]:
                 Scenario("project", service, "paced", count, args.paced_cap, rate=rate),
             )
         )
+    scaled: dict[str, Any] | None = None
+    if args.scale_out:
+        single = next((r for r in runs if r["service"] == "apns" and r["mode"] == "window"), None)
+        if single is None:
+            bench.notes.append("scale-out skipped: it loads APNs, and --services has no apns")
+        else:
+            scaled = await scale_out(bench, single)
     baseline: dict[str, float] = {}
     if args.baseline:
         for service in services:
@@ -414,13 +629,16 @@ async def benchmark(bench: Bench) -> dict[str, Any]:
                 f"{record['publishes_per_s']:,.0f} publishes/s under py-spy (not in the table)"
             )
     ratios = {service: best[service] / baseline[service] for service in baseline}
-    return {
+    results: dict[str, Any] = {
         "runs": runs,
         "ratios": ratios,
         "sinks": sinks,
         "profiles": profiles,
         "targets": _targets(runs, ratios),
     }
+    if scaled is not None:
+        results["scale_out"] = scaled
+    return results
 
 
 def _targets(runs: Sequence[dict[str, Any]], ratios: dict[str, float]) -> list[dict[str, Any]]:
@@ -582,6 +800,24 @@ def _parser() -> argparse.ArgumentParser:
         "--no-ceiling", dest="ceiling", action="store_false", help="skip the sink ceilings"
     )
     parser.add_argument(
+        "--no-scale-out",
+        dest="scale_out",
+        action="store_false",
+        help="skip the scale-out scenario (several processes on one PostgreSQL database)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="component processes in the scale-out scenario (2), one connection each",
+    )
+    parser.add_argument(
+        "--postgresql-url",
+        default=POSTGRESQL_URL,
+        help="the scale-out processes' [storage] url; created if missing, then "
+        f"`xmpp-push db upgrade` ({POSTGRESQL_URL})",
+    )
+    parser.add_argument(
         "--ceiling-clients", type=int, default=2, help="client processes loading a sink (2)"
     )
     parser.add_argument("--ceiling-requests", type=int, help="per client (default 15,000)")
@@ -673,6 +909,8 @@ def _settle(args: argparse.Namespace) -> None:
     for service in args.services:
         if service not in SERVICES:
             raise SystemExit(f"unknown service {service!r}")
+    if args.processes < 1:
+        raise SystemExit("--processes wants at least 1")
     if args.publishes is None:
         args.publishes = 5_000 if quick else 50_000
     if args.warmup is None:
@@ -714,6 +952,7 @@ async def _main(args: argparse.Namespace, command: str) -> dict[str, Any]:
             key: value for key, value in vars(args).items() if not isinstance(value, Path)
         },
     }
+    results["settings"]["postgresql_url"] = _safe_url(args.postgresql_url)
     try:
         for service in SERVICES:
             # Both sinks run in every scenario, as both providers are configured.
@@ -774,6 +1013,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"docs:    {_relative(args.docs)}")
     unanswered = sum(run["unanswered"] for run in results.get("runs", []))
+    if "scale_out" in results:
+        unanswered += results["scale_out"]["unanswered"]
     if "soak" in results:
         unanswered += results["soak"]["run"]["unanswered"]
     return 1 if unanswered else 0

@@ -3,11 +3,18 @@
 The project: `python -m xmpp_push.cli run --config <generated toml>`. The baseline:
 `python -m bench.baseline --config <the same toml>`. Each scenario gets a fresh
 process, so peak RSS and CPU belong to that scenario alone.
+
+The scale-out scenario runs several project processes on one PostgreSQL database, as
+a deployment of more than one process does: `prepare_postgresql` makes the database
+(once; it is kept between runs), `upgrade_database` runs `xmpp-push db upgrade` on it
+as an operator would, and `database_backends` finds the server processes serving it,
+so that their CPU is counted as the benchmark's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import sys
@@ -20,10 +27,21 @@ from bench.procstat import cpu_seconds, peak_rss_kib, rss_kib
 from bench.sinks import Sink
 from bench.workload import COMPONENT_JID
 
-__all__ = ["IMPLEMENTATIONS", "Implementation", "RunningComponent", "write_config"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "DatabaseUnavailable",
+    "Implementation",
+    "RunningComponent",
+    "database_backends",
+    "prepare_postgresql",
+    "upgrade_database",
+    "write_config",
+]
 
 REPO: Final = Path(__file__).resolve().parent.parent
 SECRET: Final = "bench-secret"
+POSTGRESQL_URL: Final = "postgresql+asyncpg://postgres@127.0.0.1:5432/xmpp_push_bench"
+"""The scale-out scenario's shared database (this machine's server, trust auth)."""
 
 
 @dataclass(frozen=True)
@@ -155,3 +173,100 @@ class RunningComponent:
             return self.log.read_text(errors="replace")[-size:]
         except OSError:
             return ""
+
+
+# --------------------------------------------------------------------------------------
+# The shared database of the scale-out scenario
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The scale-out database cannot be used (no server, no driver, a failed upgrade)."""
+
+
+async def prepare_postgresql(url: str, timeout: float = 30.0) -> None:
+    """Create the database of `url` unless it exists, through the server's `postgres`
+    database. Raises DatabaseUnavailable when the server or the driver is missing."""
+    if importlib.util.find_spec("asyncpg") is None:
+        raise DatabaseUnavailable("asyncpg is not installed (pip install 'xmpp-push[postgresql]')")
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    parsed = make_url(url)
+    name = parsed.database
+    if parsed.get_backend_name() != "postgresql" or not name:
+        raise DatabaseUnavailable(
+            f"not a PostgreSQL database URL: {parsed.render_as_string(hide_password=True)}"
+        )
+    admin = create_async_engine(
+        parsed.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        async with asyncio.timeout(timeout), admin.connect() as connection:
+            found = await connection.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            )
+            if found.first() is None:
+                quoted = name.replace('"', '""')
+                await connection.exec_driver_sql(f'CREATE DATABASE "{quoted}"')
+    except (OSError, TimeoutError, sa.exc.DBAPIError) as exc:
+        where = parsed.render_as_string(hide_password=True)
+        raise DatabaseUnavailable(f"PostgreSQL at {where} is not usable: {exc}") from exc
+    finally:
+        await admin.dispose()
+
+
+async def upgrade_database(config: Path, timeout: float = 120.0) -> str:
+    """`xmpp-push db upgrade --config <config>`, as an operator runs it before starting
+    the processes; its output line. Raises DatabaseUnavailable when it fails."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "xmpp_push.cli",
+        "db",
+        "upgrade",
+        "--config",
+        str(config),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=REPO,
+        env=child_environment(),
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise DatabaseUnavailable(f"xmpp-push db upgrade took over {timeout:g} s") from None
+    text = output.decode(errors="replace").strip()
+    if process.returncode != 0:
+        raise DatabaseUnavailable(f"xmpp-push db upgrade failed: {text[-1000:]}")
+    return text.splitlines()[-1] if text else ""
+
+
+async def database_backends(url: str, timeout: float = 10.0) -> list[int]:
+    """The pids of the PostgreSQL server processes connected to the database of `url`
+    (the components' pools and listeners); empty when they cannot be listed."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    parsed = make_url(url)
+    engine = create_async_engine(parsed, poolclass=NullPool)
+    try:
+        async with asyncio.timeout(timeout), engine.connect() as connection:
+            rows = await connection.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": parsed.database},
+            )
+            return sorted(int(row[0]) for row in rows)
+    except (OSError, TimeoutError, sa.exc.DBAPIError):
+        return []
+    finally:
+        await engine.dispose()

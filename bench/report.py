@@ -15,7 +15,14 @@ from typing import Any, Final
 
 from bench.sinks import nginx_version
 
-__all__ = ["machine", "render_console", "source_state", "update_docs", "write_json"]
+__all__ = [
+    "machine",
+    "render_console",
+    "scale_out_block",
+    "source_state",
+    "update_docs",
+    "write_json",
+]
 
 LIBRARIES: Final = (
     "xmpp-push",
@@ -215,6 +222,67 @@ def machine_lines(info: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def scale_out_table(scaled: Mapping[str, Any]) -> list[str]:
+    """The single process, each process of the scale-out run, and all of them together."""
+    count = scaled["processes"]
+    lines = [
+        "| run | publishes | share | publishes/s | p50 ms | p99 ms | p99.9 ms | peak RSS MiB "
+        "| CPU cores | CPU µs/publish | other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    single = scaled.get("single_process")
+    if single:
+        latency = single["latency_ms"]
+        component = single["component"]
+        lines.append(
+            f"| 1 process (project → APNs, window {single['window']}) | {single['answered']:,} "
+            f"| | {_number(single['publishes_per_s'])} | {_number(latency['p50'], 1)} "
+            f"| {_number(latency['p99'], 1)} | {_number(latency['p99_9'], 1)} "
+            f"| {_number(component['peak_rss_mib'], 1)} | {_number(component['cpu_cores'], 2)} "
+            f"| {_number(component['cpu_us_per_publish'])} "
+            f"| {_number(single.get('other_cores'), 2)} |"
+        )
+    for process in scaled["per_process"]:
+        latency = process["latency_ms"]
+        lines.append(
+            f"| process {process['process']} of {count} | {process['answered']:,} "
+            f"| {process['share']:.1%} | {_number(process['publishes_per_s'])} "
+            f"| {_number(latency['p50'], 1)} | {_number(latency['p99'], 1)} "
+            f"| {_number(latency['p99_9'], 1)} | {_number(process['peak_rss_mib'], 1)} "
+            f"| {_number(process['cpu_cores'], 2)} | {_number(process['cpu_us_per_publish'])} | |"
+        )
+    latency = scaled["latency_ms"]
+    component = scaled["component"]
+    answers = ""
+    if scaled["unanswered"]:
+        answers = f", **{scaled['unanswered']:,} unanswered**"
+    for key, errors in sorted(scaled["errors"].items()):
+        answers += f", {errors:,} {key}"
+    title = f"**{count} processes together**"
+    if scaled.get("attempts", 1) > 1:
+        title += f", least disturbed of {scaled['attempts']} runs"
+    lines.append(
+        f"| {title}{answers} | {scaled['answered']:,} | 100% "
+        f"| **{_number(scaled['publishes_per_s'])}** | {_number(latency['p50'], 1)} "
+        f"| {_number(latency['p99'], 1)} | {_number(latency['p99_9'], 1)} "
+        f"| {_number(component['peak_rss_mib'], 1)} (sum) | {_number(component['cpu_cores'], 2)} "
+        f"| {_number(component['cpu_us_per_publish'])} "
+        f"| {_number(scaled.get('machine', {}).get('other_cores'), 2)} |"
+    )
+    return lines
+
+
+def scale_out_summary(scaled: Mapping[str, Any]) -> str:
+    return (
+        f"{scaled['processes']} processes → APNs: {scaled['publishes_per_s']:,.0f} publishes/s "
+        f"together, **{scaled['ratio']:.2f}×** one process "
+        f"({scaled['single_process']['publishes_per_s']:,.0f}/s); harness "
+        f"{scaled['harness']['cpu_cores']:.2f} cores, APNs sink {scaled['sink']['cpu_cores']:.3f}, "
+        f"PostgreSQL {scaled['database']['cpu_cores']:.3f} "
+        f"({scaled['database']['backends']} backends)"
+    )
+
+
 def soak_lines(soak: Mapping[str, Any]) -> list[str]:
     rss = soak["rss"]
     run = soak["run"]
@@ -257,6 +325,9 @@ def render_console(results: Mapping[str, Any]) -> str:
         lines += [
             f"project/baseline {_name(service)}: {ratio:.2f}×" for service, ratio in ratios.items()
         ]
+    if results.get("scale_out"):
+        lines += ["", *scale_out_table(results["scale_out"]), ""]
+        lines.append(scale_out_summary(results["scale_out"]).replace("**", ""))
     if results.get("sinks"):
         lines += ["", *sinks_table(results["sinks"])]
     if results.get("targets"):
@@ -273,9 +344,10 @@ def render_console(results: Mapping[str, Any]) -> str:
 _INTRO: Final = """\
 # Performance
 
-<!-- Written by bench/report.py: `bench/run` replaces this intro and the results
-     block, `bench/run --soak 600` the soak block; everything else in this file
-     (the findings, bench/registrations.py's section) is left as it is. -->
+<!-- Written by bench/report.py: `bench/run` replaces this intro, the results
+     block and the scale-out block, `bench/run --soak 600` the soak block; everything
+     else in this file (the findings, bench/registrations.py's section) is left as
+     it is. -->
 
 How fast xmpp-push answers XEP-0357 publishes and delivers them, next to the
 straightforward implementation (slixmpp `ComponentXMPP` + `xep_0060` + `iq.reply()` +
@@ -363,20 +435,100 @@ def results_block(results: Mapping[str, Any]) -> str:
     return _block("results", ["## Results", "", *body])
 
 
-def _replace_block(text: str, name: str, block: str) -> str:
-    """`text` with block `name` replaced by `block`, or `block` added at the end."""
+def scale_out_block(results: Mapping[str, Any]) -> str:
+    scaled = results["scale_out"]
+    single = scaled["single_process"]
+    count = scaled["processes"]
+    cores = results["machine"]["cores"]
+    harness = scaled["harness"]["cpu_cores"]
+    body = [
+        "## Scale-out: several processes",
+        "",
+        f"Measured {results['date']} with `{results['command']}` "
+        f"(results file `{results['results_file']}`), after that invocation's "
+        "single-process run to APNs (the first row).",
+        "",
+        f"{count} × `python -m xmpp_push.cli run` on this {cores}-core machine, the same "
+        f"config for each: `[storage] url` = PostgreSQL on this machine "
+        f"(`{scaled['storage']}`, made once and brought to HEAD with `xmpp-push db "
+        f"upgrade`), the same APNs sink, and each its own connection of the one component "
+        f"JID `{scaled['component_jid']}` to the harness. The harness spreads the publishes "
+        "as ejabberd does (below): each to a connection picked at random, "
+        f"{scaled['window']} IQs outstanding over all connections together, the same "
+        "window as the single process had; a random pick, not one window per connection, "
+        "because ejabberd's router does not look at how busy a connection is. "
+        "Latency is over all answers; peak RSS and CPU as above, per process.",
+        "",
+        *scale_out_table(scaled),
+        "",
+        f"* {scale_out_summary(scaled)}.",
+    ]
+    others = [scaled.get("machine", {}).get("other_cores"), single.get("other_cores")]
+    noisy = max((float(other) for other in others if other is not None), default=0.0)
+    if noisy > scaled.get("noisy_cores", 0.3):
+        body.append(
+            f"* **Disturbed**: other processes used up to {noisy:.2f} cores during these "
+            "runs (the `other load` column), so the ratio says little; measure again on "
+            "an idle machine."
+        )
+    body += [
+        "",
+        "### How it scales",
+        "",
+        f"* **Processes and cores.** One process is one event loop on one core: at its "
+        f"maximum rate the single process used {single['component']['cpu_cores']:.2f} of "
+        f"a core. More processes add throughput only while there are idle cores: here "
+        f"{count} processes share {cores} cores with the harness (the XMPP server, "
+        f"{harness:.2f} cores), nginx and the kernel's loopback traffic, so the ratio "
+        f"above ({scaled['ratio']:.2f}×) is what {count} processes get from {cores} "
+        f"shared cores; {count}× needs {count} cores left to the component alone. "
+        "On a server, run one process per core left over by the XMPP server and "
+        "the database; the processes share no state that would make one wait for "
+        "another.",
+        "* **What is shared.** PostgreSQL, and in app-server mode nothing else: each "
+        "process reads the device from the publish, so the database is off the push path "
+        f"(its {scaled['database']['backends']} backends for these processes used "
+        f"{scaled['database']['cpu_cores']:.3f} cores during the run; it holds the "
+        "direct-mode registrations, and its LISTEN/NOTIFY keeps each process's cache of "
+        "them current). Each process has its own connections to APNs and FCM and its own "
+        "tokens (JWT, OAuth).",
+        "* **Per process.** The coalescing windows (`policy.coalesce_window`, direct mode) "
+        "and the retry queue (`policy.max_pending_retries`) are each process's own: two "
+        "messages for one device that reach different processes are pushed twice instead "
+        "of merged, and a process that stops takes its queued retries with it (SIGTERM "
+        "drains in-flight deliveries for `policy.drain_timeout`).",
+        "* **Balancing on the real servers** (checked on Prosody 0.12 and ejabberd 23.01). "
+        "Prosody refuses a second connection for a component JID it has one for (stream "
+        "error `conflict`): with Prosody each process needs its own component JID "
+        "(`[component] jid`, one `Component` entry each), and the load splits by which "
+        "JID the devices registered with. ejabberd accepts several connections of one "
+        "component JID and spreads stanzas over them, per stanza at random "
+        "(`ejabberd_router:balancing_route` without `domain_balancing`; 200 messages "
+        "came out 99/101), whatever each connection has outstanding: a slow process gets "
+        "as many as a fast one. That is what this run models.",
+    ]
+    return _block("scaleout", body)
+
+
+def _replace_block(text: str, name: str, block: str, after: str | None = None) -> str:
+    """`text` with block `name` replaced by `block`; a missing one goes after block
+    `after` (when there is one) or at the end."""
     old = _existing_block(text, name)
     if old is not None:
         return text.replace(old, block, 1)
+    previous = _existing_block(text, after) if after else None
+    if previous is not None:
+        return text.replace(previous, previous + "\n\n" + block, 1)
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def update_docs(
     path: Path, results: Mapping[str, Any] | None, soak: Mapping[str, Any] | None
 ) -> None:
-    """Replace this benchmark's blocks of `path` (the intro, and the results or the soak
-    when given), adding any that are missing; every other byte stays as it is, since
-    others write parts of the file too (bench/registrations.py, the findings)."""
+    """Replace this benchmark's blocks of `path` (the intro, and the results with the
+    scale-out, or the soak, when given), adding any that are missing; every other byte
+    stays as it is, since others write parts of the file too (bench/registrations.py,
+    the findings)."""
     text = path.read_text() if path.is_file() else ""
     if not text.strip():
         text = "\n\n".join(
@@ -391,6 +543,8 @@ def update_docs(
     text = _replace_block(text, "intro", _block("intro", [_INTRO.rstrip("\n")]))
     if results:
         text = _replace_block(text, "results", results_block(results))
+        if results.get("scale_out"):
+            text = _replace_block(text, "scaleout", scale_out_block(results), after="results")
     if soak:
         text = _replace_block(text, "soak", _block("soak", ["## Soak", "", *soak_lines(soak)]))
     path.write_text(text.rstrip("\n") + "\n")

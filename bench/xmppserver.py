@@ -7,13 +7,21 @@ component reaches. The component's answers are one IQ each, `result` or `error`
 (`<iq …/>` or `<iq …><error type='…'><condition/>…</error></iq>`), which is all the
 scan has to understand.
 
-Two ways to send (`ComponentLink.run`):
+Two ways to send (`ComponentLink.run`, or `run_on_links` over several links):
 
 * **window**: keep `window` publishes unanswered at all times (a closed loop; the
   maximum rate the component sustains);
 * **paced**: send at a fixed `rate` on a schedule, whatever the answers do (an open
   loop; latency at a given load). `window` still caps what is outstanding, and a send
   that had to wait for that cap is counted in `late_sends`.
+
+Several links (scale-out): the server accepts any number of connections of the one
+component JID, as ejabberd does, and `run_on_links` spreads one run over them the way
+ejabberd's router does when a domain has several routes and no `domain_balancing`
+(`ejabberd_router:balancing_route`: `phash2(erlang:system_time(), N)` per stanza): each
+publish goes to a link picked at random, whatever that link has outstanding. The
+window (or the pacing) is the run's, shared by the links, as the server's users do not
+slow down for a busy component; answers are counted per link as well.
 
 Latency is from the moment a publish's bytes were handed to the socket to the moment
 its answer was read, both on this process's `perf_counter`.
@@ -24,15 +32,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import re
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from bench.workload import COMPONENT_JID, Workload
 
-__all__ = ["ComponentLink", "LoadServer", "RunResult"]
+__all__ = ["ComponentLink", "LoadServer", "RunResult", "percentiles_ms", "run_on_links"]
 
 STREAM_ID: Final = "b3nchstr34m"
 _STREAM_HEADER: Final = (
@@ -45,6 +55,22 @@ _HANDSHAKE = re.compile(rb"<handshake[^>]*>\s*([0-9a-fA-F]+)\s*</handshake>")
 _ID = re.compile(rb"""\sid=(["'])(.*?)\1""")
 _TYPE = re.compile(rb"""\stype=(["'])(.*?)\1""")
 _ERROR = re.compile(rb"""<error\b[^>]*?\btype=(["'])(.*?)\1[^>]*>\s*<([A-Za-z-]+)""")
+SPREAD_SEED: Final = 114
+"""Seed of the per-publish link choice, so that every run splits the same way."""
+
+
+def percentiles_ms(values: Sequence[float], *points: float) -> dict[str, float]:
+    """`{"p50": …, "p99_9": …}` in milliseconds of `values` (seconds); nearest rank."""
+    ordered = sorted(values)
+    out: dict[str, float] = {}
+    for point in points:
+        key = f"p{point:g}".replace(".", "_")
+        if not ordered:
+            out[key] = float("nan")
+            continue
+        rank = min(len(ordered) - 1, max(0, round(point / 100 * len(ordered)) - 1))
+        out[key] = ordered[rank] * 1000
+    return out
 
 
 @dataclass
@@ -70,6 +96,12 @@ class RunResult:
     timeline: list[int] = field(default_factory=list)
     """Answers in each second since the first send."""
     stalled: bool = False
+    links: int = 1
+    link_sent: list[int] = field(default_factory=list)
+    """Publishes sent on each link, in the order of the links given to the run."""
+    link_answered: list[int] = field(default_factory=list)
+    link_latencies: list[array[float]] = field(default_factory=list)
+    """Per link; kept only when the run has several links (`latencies` has them all)."""
 
     @property
     def unanswered(self) -> int:
@@ -89,55 +121,64 @@ class RunResult:
         return self.sent / max(self.last_send - self.first_send, 1e-9)
 
     def percentiles_ms(self, *points: float) -> dict[str, float]:
-        ordered = sorted(self.latencies)
-        out: dict[str, float] = {}
-        for point in points:
-            key = f"p{point:g}".replace(".", "_")
-            if not ordered:
-                out[key] = float("nan")
-                continue
-            rank = min(len(ordered) - 1, max(0, round(point / 100 * len(ordered)) - 1))
-            out[key] = ordered[rank] * 1000
-        return out
+        return percentiles_ms(self.latencies, *points)
 
 
 class _Run:
     def __init__(
-        self, link: ComponentLink, workload: Workload, start: int, result: RunResult
+        self,
+        links: Sequence[ComponentLink],
+        workload: Workload,
+        start: int,
+        result: RunResult,
     ) -> None:
-        self.link = link
+        self.links = tuple(links)
         self.workload = workload
         self.next_index = start
         self.end_index = start + result.requested
         self.result = result
         self.outstanding: dict[bytes, float] = {}
         self.done = asyncio.get_running_loop().create_future()
+        self._choose = random.Random(SPREAD_SEED).randrange
+        count = len(self.links)
+        result.links = count
+        result.link_sent = [0] * count
+        result.link_answered = [0] * count
+        self._per_link = count > 1
+        if self._per_link:
+            result.link_latencies = [array("d") for _ in range(count)]
 
     def send(self, n: int) -> None:
-        """Send the next `n` publishes in one write."""
+        """Send the next `n` publishes, one write per link."""
         n = min(n, self.end_index - self.next_index)
         if n <= 0:
             return
-        chunks: list[bytes] = []
+        links = self.links
+        count = len(links)
+        chunks: list[list[bytes]] = [[] for _ in range(count)]
         ids: list[bytes] = []
         stanza = self.workload.stanza
+        choose = self._choose
         for index in range(self.next_index, self.next_index + n):
             iq_id, data = stanza(index)
             ids.append(iq_id.encode())
-            chunks.append(data)
+            chunks[choose(count) if count > 1 else 0].append(data)
         self.next_index += n
         now = time.perf_counter()
-        self.link.write(b"".join(chunks))
+        result = self.result
+        for slot, link_chunks in enumerate(chunks):
+            if link_chunks:
+                links[slot].write(b"".join(link_chunks))
+                result.link_sent[slot] += len(link_chunks)
         outstanding = self.outstanding
         for sent_id in ids:
             outstanding[sent_id] = now
-        result = self.result
         if result.sent == 0:
             result.first_send = now
         result.sent += n
         result.last_send = now
 
-    def answered(self, iq_id: bytes, kind: bytes, error: str | None, now: float) -> bool:
+    def answered(self, iq_id: bytes, kind: bytes, error: str | None, now: float, slot: int) -> bool:
         sent_at = self.outstanding.pop(iq_id, None)
         result = self.result
         if sent_at is None:
@@ -146,6 +187,9 @@ class _Run:
         result.answered += 1
         result.last_answer = now
         result.latencies.append(now - sent_at)
+        result.link_answered[slot] += 1
+        if self._per_link:
+            result.link_latencies[slot].append(now - sent_at)
         second = int(now - result.first_send)
         timeline = result.timeline
         if second >= len(timeline):
@@ -171,6 +215,8 @@ class ComponentLink(asyncio.Protocol):
         self._buffer = bytearray()
         self._state = "header"
         self._run: _Run | None = None
+        self._slot = 0
+        """This link's place in the links of the current run."""
         self._window = 0
         self.closed = asyncio.get_running_loop().create_future()
         self.bytes_in = 0
@@ -265,7 +311,7 @@ class ComponentLink(asyncio.Protocol):
             type_match = _TYPE.search(head)
             if run is None or id_match is None or type_match is None:
                 continue
-            if run.answered(id_match.group(2), type_match.group(2), error, now):
+            if run.answered(id_match.group(2), type_match.group(2), error, now, self._slot):
                 matched += 1
         if _STREAM_CLOSE in buffer:
             # The component is leaving: close our side as a server does.
@@ -294,62 +340,103 @@ class ComponentLink(asyncio.Protocol):
         stall_timeout: float = 30.0,
         tick: float = 0.001,
     ) -> RunResult:
-        """Send publishes `start` … `start+count-1`; return once all are answered,
-        the link closes, or no answer came for `stall_timeout` seconds."""
-        mode = "window" if rate is None else "paced"
-        result = RunResult(label, mode, count, window, offered_rate=rate)
-        run = _Run(self, workload, start, result)
-        self._run = run
-        try:
-            if rate is None:
-                self._window = window
-                run.send(window)
-                await self._wait(run, stall_timeout)
-            else:
-                self._window = 0
-                pacer = asyncio.create_task(self._pace(run, rate, window, tick))
-                try:
-                    await self._wait(run, stall_timeout)
-                finally:
-                    pacer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await pacer
-        finally:
-            self._run = None
-            self._window = 0
-        return result
+        """Send publishes `start` … `start+count-1` on this link; return once all are
+        answered, the link closes, or no answer came for `stall_timeout` seconds."""
+        return await run_on_links(
+            [self],
+            workload,
+            label=label,
+            start=start,
+            count=count,
+            window=window,
+            rate=rate,
+            stall_timeout=stall_timeout,
+            tick=tick,
+        )
 
-    async def _wait(self, run: _Run, stall_timeout: float) -> None:
-        seen = -1
-        while not run.done.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(run.done), stall_timeout)
-            if run.done.done():
-                return
-            if run.result.answered == seen:
-                run.result.stalled = True
-                return
-            seen = run.result.answered
 
-    @staticmethod
-    async def _pace(run: _Run, rate: float, cap: int, tick: float) -> None:
-        began = time.perf_counter()
-        scheduled = 0
-        while run.next_index < run.end_index:
-            due = min(run.result.requested, int((time.perf_counter() - began) * rate) + 1)
-            want = due - scheduled
-            if want > 0:
-                room = cap - len(run.outstanding)
-                n = min(want, max(room, 0))
-                if n < want:
-                    run.result.late_sends += want - n
-                run.send(n)
-                scheduled += n
-            await asyncio.sleep(tick)
+async def run_on_links(
+    links: Sequence[ComponentLink],
+    workload: Workload,
+    *,
+    label: str,
+    start: int,
+    count: int,
+    window: int,
+    rate: float | None = None,
+    stall_timeout: float = 30.0,
+    tick: float = 0.001,
+) -> RunResult:
+    """Send publishes `start` … `start+count-1`, each on one of `links` picked at random
+    (ejabberd's balancing); `window` IQs outstanding over all links together. Returns
+    once all are answered, a link closes, or no answer came for `stall_timeout` s."""
+    if not links:
+        raise ValueError("no link to run on")
+    mode = "window" if rate is None else "paced"
+    result = RunResult(label, mode, count, window, offered_rate=rate)
+    run = _Run(links, workload, start, result)
+    for slot, link in enumerate(links):
+        if link._run is not None:
+            raise RuntimeError(f"link {slot} is already running {link._run.result.label}")
+        link._run = run
+        link._slot = slot
+        # Every link refills the shared window as its answers come in.
+        link._window = window if rate is None else 0
+    try:
+        if rate is None:
+            run.send(window)
+            await _wait(run, stall_timeout)
+        else:
+            pacer = asyncio.create_task(_pace(run, rate, window, tick))
+            try:
+                await _wait(run, stall_timeout)
+            finally:
+                pacer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pacer
+    finally:
+        for link in links:
+            link._run = None
+            link._slot = 0
+            link._window = 0
+    return result
+
+
+async def _wait(run: _Run, stall_timeout: float) -> None:
+    seen = -1
+    while not run.done.done():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.done), stall_timeout)
+        if run.done.done():
+            return
+        if run.result.answered == seen:
+            run.result.stalled = True
+            return
+        seen = run.result.answered
+
+
+async def _pace(run: _Run, rate: float, cap: int, tick: float) -> None:
+    began = time.perf_counter()
+    scheduled = 0
+    while run.next_index < run.end_index:
+        due = min(run.result.requested, int((time.perf_counter() - began) * rate) + 1)
+        want = due - scheduled
+        if want > 0:
+            room = cap - len(run.outstanding)
+            n = min(want, max(room, 0))
+            if n < want:
+                run.result.late_sends += want - n
+            run.send(n)
+            scheduled += n
+        await asyncio.sleep(tick)
 
 
 class LoadServer:
-    """Listens on 127.0.0.1 for the component; each accepted handshake is one link."""
+    """Listens on 127.0.0.1 for the component; each accepted handshake is one link.
+
+    Any number of links may be open at once, all of the one component JID (ejabberd
+    accepts that and balances stanzas over them; Prosody refuses the second with a
+    `conflict` stream error, so there each process needs a JID of its own)."""
 
     def __init__(self, secret: str) -> None:
         self.secret = secret
@@ -374,8 +461,12 @@ class LoadServer:
         self._ready.put_nowait(link)
 
     async def next_link(self, timeout: float) -> ComponentLink:
-        """The next component that completes its handshake."""
-        return await asyncio.wait_for(self._ready.get(), timeout)
+        """The next component that completes its handshake (and is still connected)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                link = await self._ready.get()
+                if not link.closed.done():
+                    return link
 
     async def stop(self) -> None:
         for link in list(self._links):
