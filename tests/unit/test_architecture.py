@@ -8,7 +8,16 @@ from pathlib import Path
 import xmpp_push
 
 PACKAGE = Path(xmpp_push.__file__).parent
-ADAPTER_LIBRARIES = {"slixmpp", "aiohttp", "h2", "google", "requests", "sqlalchemy", "asyncpg"}
+ADAPTER_LIBRARIES = {
+    "slixmpp",
+    "aiohttp",
+    "h2",
+    "hpack",
+    "google",
+    "requests",
+    "sqlalchemy",
+    "asyncpg",
+}
 ADAPTER_PACKAGES = {"xmpp_push.xmpp", "xmpp_push.providers", "xmpp_push.app", "xmpp_push.cli"}
 
 

@@ -1,4 +1,4 @@
-"""Apple Push Notification service: token-authenticated HTTP/2 straight on `h2`.
+"""Apple Push Notification service: token-authenticated HTTP/2, framed by `_http2`.
 
 Why not aioapns: its 4.0 release never hands received bytes back to the HTTP/2 flow
 control window (after ~64 KiB of error bodies on a connection no further error
@@ -8,7 +8,8 @@ connection loss after a cancelled send, keeps one JWT per connection and closes 
 connections after 10 s (so sparse traffic re-signs per push and risks
 TooManyProviderTokenUpdates), ignores 403 ExpiredProviderToken and hard-codes host
 and port (PROTOCOLS.md §8). APNs needs little of HTTP/2: POST one small body, read one
-small answer. A focused client on `h2` is shorter than working around those defects.
+small answer. A focused client is shorter than working around those defects; its
+HTTP/2 framing is our own (`_http2`), as `h2` cost a third of the CPU per push.
 
 What this client guarantees:
 
@@ -22,7 +23,7 @@ What this client guarantees:
 * one JWT serves every connection; it is re-signed after `jwt_lifetime` and once more
   when APNs answers 403 ExpiredProviderToken (then the request is sent again, once);
 * connections are opened on first use, kept open with PINGs while idle and replaced
-  after loss or GOAWAY;
+  after loss or GOAWAY; on GOAWAY the streams APNs accepted still get their answers;
 * every failure is a `DeliveryError` whose category comes from one table
   (`_ERROR_CATEGORIES`); transport failures are TRANSIENT.
 """
@@ -48,21 +49,6 @@ import structlog
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    PingAckReceived,
-    RemoteSettingsChanged,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import H2Error, ProtocolError
-from hpack import Encoder
 from hpack.table import HeaderTable
 
 from xmpp_push.core.model import (
@@ -76,6 +62,19 @@ from xmpp_push.core.model import (
 )
 from xmpp_push.core.outcomes import DeliveryError, ErrorCategory
 from xmpp_push.providers._http import parse_retry_after
+from xmpp_push.providers._http2 import (
+    ClientConnection,
+    ConnectionFailed,
+    Data,
+    ErrorCode,
+    Event,
+    GoAway,
+    Headers,
+    Http2Error,
+    PingAcknowledged,
+    SettingsChanged,
+    StreamReset,
+)
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
@@ -205,7 +204,7 @@ def _json(value: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------
-# HTTP/2 without the parts that cost and gain nothing here
+# HPACK for our requests, without the parts that cost and gain nothing here
 
 
 def _hpack_integer(value: int, prefix_bits: int, first_byte: int) -> bytes:
@@ -235,10 +234,10 @@ _VARYING: Final = frozenset({b":path", b"apns-id", b"apns-expiration", b"content
 """Fields that differ per request: not worth remembering."""
 
 
-class _LiteralEncoder(Encoder):
+class _LiteralEncoder:
     """HPACK with no compression work: every field a literal with raw strings.
 
-    h2's encoder Huffman-codes every string and searches and maintains a dynamic
+    hpack's encoder Huffman-codes every string and searches and maintains a dynamic
     table; for APNs requests (a fresh path, apns-id and expiration each time, a JWT
     worth sending as a never-indexed literal anyway) that was 27 % of the CPU per
     push (docs/performance.md) to save a few dozen bytes on loopback-fast links.
@@ -247,14 +246,11 @@ class _LiteralEncoder(Encoder):
     """
 
     def __init__(self) -> None:
-        super().__init__()
         self._table_off = False
         self._fields: dict[tuple[bytes, bytes], bytes] = {}
         """Encoded fields that repeat (method, authority, topic, push type...)."""
 
-    def encode(  # type: ignore[override]
-        self, headers: list[tuple[bytes, bytes]], huffman: bool = True
-    ) -> bytes:
+    def encode(self, headers: list[tuple[bytes, bytes]]) -> bytes:
         out = bytearray()
         if not self._table_off:
             out += _hpack_integer(0, 5, 0x20)  # dynamic table size update: 0
@@ -281,26 +277,6 @@ def _hpack_field(name: bytes, value: bytes) -> bytes:
     if index is not None:
         return _hpack_integer(index, 4, first) + _hpack_string(value)
     return _hpack_integer(0, 4, first) + _hpack_string(name) + _hpack_string(value)
-
-
-class _H2Connection(H2Connection):
-    # h2 remembers the last 65,536 closed streams per connection to judge late
-    # frames (≈ 11 MiB once full); APNs answers promptly, a thousand is plenty.
-    MAX_CLOSED_STREAMS = 1024
-    _SWEEP_EVERY = 64
-    _opened = 0
-
-    @property
-    def open_outbound_streams(self) -> int:
-        # h2 asks this before every new stream and answers by walking every stream it
-        # holds (4 % of the CPU per push). `_Connection` already admits no more than
-        # the server's SETTINGS_MAX_CONCURRENT_STREAMS, so h2's own check is redundant;
-        # the walk is kept every 64th stream for what it also does: moving closed
-        # streams out of `self.streams`.
-        self._opened += 1
-        if self._opened % self._SWEEP_EVERY == 0:
-            return super().open_outbound_streams
-        return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -462,12 +438,10 @@ _CONNECTION_ENDING_REASONS: Final = frozenset({"IdleTimeout", "Shutdown"})
 class _Stream:
     """One request in flight; dropped from the connection as soon as it ends."""
 
-    __slots__ = ("body", "future", "received", "retry_after", "sent", "status")
+    __slots__ = ("future", "received", "retry_after", "status")
 
-    def __init__(self, future: asyncio.Future[_Response], body: bytes) -> None:
+    def __init__(self, future: asyncio.Future[_Response]) -> None:
         self.future = future
-        self.body = body
-        self.sent = 0
         self.status: int | None = None
         self.retry_after: bytes | None = None
         self.received = bytearray()
@@ -514,20 +488,7 @@ class _Connection(asyncio.Protocol):
         self._ping_timeout = ping_timeout
         self._on_closed = on_closed
         self._log = _log.bind(host=origin.host, port=origin.port, connection=number)
-        self._h2 = _H2Connection(
-            H2Configuration(
-                client_side=True,
-                header_encoding=None,
-                # We build our headers lower-case and well-formed; skipping h2's
-                # checks and rewriting on the way out saves time on every request.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                # We read only `:status` and `apns-id` of the answers.
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
-        self._h2.encoder = _LiteralEncoder()
+        self._h2 = ClientConnection(_LiteralEncoder())
         self._transport: asyncio.Transport | None = None
         self.state = _State.CONNECTING
         self._settings_seen: asyncio.Future[None] = self._loop.create_future()
@@ -536,8 +497,6 @@ class _Connection(asyncio.Protocol):
         self._ready.add_done_callback(_retrieve)
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._streams: dict[int, _Stream] = {}
-        self._blocked: dict[int, None] = {}
-        """Streams whose body waits for flow-control window, oldest first."""
         self._active = 0
         """Streams open plus slots handed to waiters that have not opened theirs yet."""
         self._stream_limit = 1
@@ -595,7 +554,7 @@ class _Connection(asyncio.Protocol):
                 self._settings_seen.set_exception(_transient("no_h2"))
             transport.close()
             return
-        self._h2.initiate_connection()
+        self._h2.initiate()
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -623,7 +582,6 @@ class _Connection(asyncio.Protocol):
             if not stream.future.done():
                 stream.future.set_exception(_transient(reason))
         self._streams.clear()
-        self._blocked.clear()
         self._fail_waiters(reason)
         for future in (self._settings_seen, self._ready):
             if not future.done():
@@ -657,15 +615,13 @@ class _Connection(asyncio.Protocol):
 
     def _close_if_drained(self) -> None:
         if self.state is _State.RETIRING and not self._streams:
-            with contextlib.suppress(H2Error):
-                self._h2.close_connection()
+            self._h2.close()
             self._flush()
             self._terminate("closed")
 
     async def aclose(self) -> None:
         if self.state is not _State.CLOSED and self._transport is not None:
-            with contextlib.suppress(H2Error):
-                self._h2.close_connection()
+            self._h2.close()
             self._flush()
         self._terminate("provider_closed")
         self._connect_task.cancel()
@@ -687,10 +643,7 @@ class _Connection(asyncio.Protocol):
                 continue
             ack: asyncio.Future[None] = self._loop.create_future()
             self._ping_ack = ack
-            try:
-                self._h2.ping(os.urandom(8))
-            except H2Error:
-                return
+            self._h2.ping(os.urandom(8))
             self._flush()
             try:
                 async with asyncio.timeout(self._ping_timeout):
@@ -715,22 +668,17 @@ class _Connection(asyncio.Protocol):
                 await self._writable.wait()
             if self.state is not _State.OPEN:
                 raise _transient("connection_lost")
-            stream_id = self._h2.get_next_available_stream_id()
-            self._h2.send_headers(stream_id, headers, end_stream=not body)
-        except ProtocolError as exc:
+            # The body goes out as far as the flow-control windows allow; the
+            # engine sends the rest as the server opens them.
+            stream_id = self._h2.send_request(headers, body)
+        except Http2Error as exc:
             self._release_slot()
             raise _transient("protocol_error") from exc
         except BaseException:
             self._release_slot()
             raise
-        stream = _Stream(self._loop.create_future(), body)
+        stream = _Stream(self._loop.create_future())
         self._streams[stream_id] = stream
-        if body:
-            try:
-                self._pump(stream_id, stream)
-            except H2Error as exc:
-                self._abandon(stream_id)
-                raise _transient("protocol_error") from exc
         self._schedule_flush()
         if stream_id >= _LAST_STREAM_ID:
             self.retire("stream_ids_exhausted")
@@ -775,49 +723,16 @@ class _Connection(asyncio.Protocol):
         if stream_id not in self._streams:
             return
         if self.state is not _State.CLOSED:
-            with contextlib.suppress(H2Error):
-                self._h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+            self._h2.reset_stream(stream_id, ErrorCode.CANCEL)
             self._schedule_flush()
         self._drop(stream_id)
 
     def _drop(self, stream_id: int) -> None:
         if self._streams.pop(stream_id, None) is None:
             return
-        self._blocked.pop(stream_id, None)
         self._release_slot()
         if self.state is _State.RETIRING:
             self._close_if_drained()
-
-    def _pump(self, stream_id: int, stream: _Stream) -> None:
-        """Send as much of the body as the flow-control windows allow."""
-        body = stream.body
-        while stream.sent < len(body):
-            window = self._h2.local_flow_control_window(stream_id)
-            if window <= 0:
-                self._blocked[stream_id] = None
-                return
-            size = min(window, self._h2.max_outbound_frame_size, len(body) - stream.sent)
-            end = stream.sent + size
-            self._h2.send_data(stream_id, body[stream.sent : end], end_stream=end == len(body))
-            stream.sent = end
-        self._blocked.pop(stream_id, None)
-
-    def _pump_blocked(self) -> None:
-        for stream_id in list(self._blocked):
-            stream = self._streams.get(stream_id)
-            if stream is None:
-                self._blocked.pop(stream_id, None)
-                continue
-            try:
-                self._pump(stream_id, stream)
-            except H2Error:
-                # h2 no longer lets us send on it; fail that request, not the connection.
-                if not stream.future.done():
-                    stream.future.set_exception(_transient("protocol_error"))
-                self._abandon(stream_id)
-                continue
-            if self._h2.outbound_flow_control_window <= 0:
-                return
 
     # -- bytes in and out -------------------------------------------------------------
 
@@ -836,51 +751,42 @@ class _Connection(asyncio.Protocol):
         if self.state is _State.CLOSED:
             return  # bytes still buffered by TLS after we gave up on the connection
         self._last_received = self._loop.time()
-        try:
-            events = self._h2.receive_data(data)
-        except ProtocolError as exc:
-            self._log.warning("apns_protocol_error", error=repr(exc))
-            self._flush()  # h2 queued a GOAWAY explaining the error
-            self._terminate("protocol_error")
-            return
-        for event in events:
+        for event in self._h2.receive(data):
             self._handle(event)
             if self.closed:
                 return
         self._flush()
 
-    def _handle(self, event: object) -> None:
-        if isinstance(event, ResponseReceived):
-            self._on_response(event)
-        elif isinstance(event, DataReceived):
-            # Hand the bytes back to the window even for streams we abandoned;
-            # otherwise the connection window shrinks until no answer fits.
-            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    def _handle(self, event: Event) -> None:
+        # Most frequent first: every answer is one or two of the first two.
+        if isinstance(event, Headers):
+            self._on_headers(event)
+        elif isinstance(event, Data):
             stream = self._streams.get(event.stream_id)
-            if stream is not None and len(stream.received) < _MAX_RESPONSE_BODY:
-                stream.received += event.data
-        elif isinstance(event, StreamEnded):
-            self._on_stream_ended(event.stream_id)
+            if stream is not None:
+                if len(stream.received) < _MAX_RESPONSE_BODY:
+                    stream.received += event.data
+                if event.end_stream:
+                    self._on_stream_ended(event.stream_id, stream)
         elif isinstance(event, StreamReset):
             self._on_stream_reset(event)
-        elif isinstance(event, WindowUpdated):
-            if self._blocked:
-                self._pump_blocked()
-        elif isinstance(event, RemoteSettingsChanged):
-            self._on_settings()
-        elif isinstance(event, ConnectionTerminated):
+        elif isinstance(event, SettingsChanged):
+            self._on_settings(event)
+        elif isinstance(event, GoAway):
             self._on_goaway(event)
-        elif (
-            isinstance(event, PingAckReceived)
-            and self._ping_ack is not None
-            and not self._ping_ack.done()
-        ):
-            self._ping_ack.set_result(None)
+        elif isinstance(event, PingAcknowledged):
+            if self._ping_ack is not None and not self._ping_ack.done():
+                self._ping_ack.set_result(None)
+        elif isinstance(event, ConnectionFailed):
+            self._log.warning("apns_protocol_error", error=event.message)
+            self._flush()  # the engine queued a GOAWAY explaining the error
+            self._terminate("protocol_error")
 
-    def _on_response(self, event: ResponseReceived) -> None:
+    def _on_headers(self, event: Headers) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None:
             return
+        # Trailers carry no `:status`; an interim (1xx) status is replaced by the final.
         for name, value in event.headers:
             if name == b":status":
                 # A non-numeric status leaves it None: the request fails as no_response.
@@ -888,15 +794,11 @@ class _Connection(asyncio.Protocol):
                     stream.status = int(value)
             elif name == b"retry-after":
                 stream.retry_after = bytes(value)
+        if event.end_stream:
+            self._on_stream_ended(event.stream_id, stream)
 
-    def _on_stream_ended(self, stream_id: int) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return
-        if stream.sent < len(stream.body):
-            # Answered before the whole body went out (e.g. 413): close our half too.
-            with contextlib.suppress(H2Error):
-                self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+    def _on_stream_ended(self, stream_id: int, stream: _Stream) -> None:
+        # Had the body not all gone out yet (e.g. 413), the engine reset our half.
         if not stream.future.done():
             if stream.status is None:
                 stream.future.set_exception(_transient("no_response"))
@@ -914,36 +816,43 @@ class _Connection(asyncio.Protocol):
             stream.future.set_exception(_transient(f"stream_reset:{code}"))
         self._drop(event.stream_id)
 
-    def _on_settings(self) -> None:
-        announced = self._h2.remote_settings.max_concurrent_streams
-        self._stream_limit = max(0, min(announced, _STREAM_CAP))
+    def _on_settings(self, event: SettingsChanged) -> None:
+        self._stream_limit = max(0, min(event.max_concurrent_streams, _STREAM_CAP))
         if not self._settings_seen.done():
             self._settings_seen.set_result(None)
         self._wake_waiters()
 
-    def _on_goaway(self, event: ConnectionTerminated) -> None:
-        last_stream_id = event.last_stream_id or 0
+    def _on_goaway(self, event: GoAway) -> None:
         self._log.warning(
             "apns_goaway",
             error_code=_error_name(event.error_code),
-            last_stream_id=last_stream_id,
-            debug=(event.additional_data or b"")[:200].decode(errors="replace"),
+            last_stream_id=event.last_stream_id,
+            debug=event.debug[:200].decode(errors="replace"),
             in_flight=len(self._streams),
         )
-        # h2 accepts no frame after GOAWAY, so no stream here will get its answer.
-        # Those above last_stream_id never reached APNs: TRANSIENT, safe to resend.
-        # Those at or below may have been delivered; still TRANSIENT, the caller decides.
-        for stream_id, stream in self._streams.items():
-            if not stream.future.done():
-                reason = "goaway" if stream_id > last_stream_id else "connection_lost"
-                stream.future.set_exception(_transient(reason))
-        self._terminate("goaway")
+        if self.state is _State.CONNECTING:
+            self._terminate("goaway")
+            return
+        # Streams above last_stream_id never reached APNs: TRANSIENT, safe to resend.
+        # Those at or below get their answers; the connection closes after the last.
+        for stream_id in event.dropped:
+            stream = self._streams.get(stream_id)
+            if stream is not None and not stream.future.done():
+                stream.future.set_exception(_transient("goaway"))
+        if self.state is _State.OPEN:
+            self.state = _State.RETIRING
+            self._fail_waiters("goaway")
+            self._on_closed(self)
+        for stream_id in event.dropped:
+            self._drop(stream_id)
+        self._close_if_drained()
 
 
-def _error_name(code: ErrorCodes | int | None) -> str:
-    if isinstance(code, ErrorCodes):
-        return code.name
-    return str(code)
+def _error_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
 
 
 class _Pool:
