@@ -2,7 +2,9 @@
 
 It logs in over plain TCP on a loopback port (the throw-away servers speak no TLS),
 enables and disables XEP-0357 push, sends and receives messages, and logs out
-cleanly or drops its connection like a phone losing its network.
+cleanly or drops its connection like a phone losing its network. With stream
+management it can also lose its connection and come back (`cut()`, `resume()`), or
+freeze like a suspended app whose kernel still acknowledges TCP (`stop_reading()`).
 
     alice = await XmppClient.connect("alice@localhost", "pw", "127.0.0.1", prosody.c2s_port)
     await alice.enable_push("push.localhost", "n1", {"service": "apns", "device_id": "ab12"})
@@ -16,10 +18,10 @@ import contextlib
 import socket
 import struct
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self
-from xml.etree.ElementTree import Element, SubElement
+from xml.etree.ElementTree import Element, SubElement, fromstring
 
 from slixmpp import JID, ClientXMPP, Iq, Message
 from slixmpp.exceptions import IqError, IqTimeout
@@ -39,6 +41,7 @@ __all__ = [
 
 NS_PUSH = "urn:xmpp:push:0"
 NS_PING = "urn:xmpp:ping"
+NS_CSI = "urn:xmpp:csi:0"
 MessageType = Literal["chat", "normal", "headline", "groupchat"]
 PUBLISH_OPTIONS = "http://jabber.org/protocol/pubsub#publish-options"
 
@@ -206,8 +209,22 @@ class XmppClient:
             disable["node"] = node
         return await self._request(iq, timeout)
 
-    async def send_message(self, to: str, body: str, *, message_type: MessageType = "chat") -> None:
-        self._session.send_message(mto=JID(to), mbody=body, mtype=message_type)
+    async def send_message(
+        self,
+        to: str,
+        body: str,
+        *,
+        message_type: MessageType = "chat",
+        payload: Iterable[Element | str] = (),
+    ) -> None:
+        """Send a message; an empty `body` sends none. `payload`: more children, as
+        elements or XML text with their namespace (a chat state, OMEMO, a Jingle
+        `<propose/>`)."""
+        message = self._session.make_message(mto=JID(to), mbody=body or None, mtype=message_type)
+        for child in payload:
+            # The caller's own XML (a test's stanza), never data received from a peer.
+            message.xml.append(fromstring(child) if isinstance(child, str) else child)  # noqa: S314
+        message.send()
         # Hand control to slixmpp's writer so the stanza leaves before we return.
         await asyncio.sleep(0)
 
@@ -232,6 +249,93 @@ class XmppClient:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await self._shut_down(wait=0)
 
+    async def cut(self, rst: bool = True) -> None:
+        """Lose the TCP connection without closing the stream, as a phone does when its
+        network goes: with `rst` an RST (SO_LINGER 0), otherwise a FIN (a plain close;
+        the kernel still sends an RST if unread data is waiting, e.g. after
+        `stop_reading()`). The XEP-0198 state stays, so `resume()` can take the same
+        session up again; the server hibernates it (Prosody) or keeps it pending
+        (ejabberd)."""
+        session = self._session
+        transport = session.transport
+        if transport is None:
+            raise XmppClientError(f"{self.jid}: cut() while not connected")
+        if rst:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        lost = session.disconnected
+        if rst:
+            transport.abort()
+        else:
+            transport.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(lost), 5)
+        # Keepalives and IQ timeouts of the lost connection would fire into nothing.
+        for name in list(session.scheduled_events):
+            session.cancel_schedule(name)
+
+    async def resume(self, timeout: float = 15.0) -> None:
+        """Reconnect after `cut()` and resume the session (XEP-0198 `<resume/>`). What the
+        server re-sends comes out of `wait_for_message`. Raises XmppClientError if the
+        server answers `<failed/>` (the session expired), TimeoutError if nothing comes
+        within `timeout`; the client is closed then."""
+        session = self._session
+        if session.transport is not None:
+            raise XmppClientError(f"{self.jid}: resume() while still connected; cut() first")
+        if not self.stream_management or not session.plugin["xep_0198"].sm_id:
+            raise XmppClientError(f"{self.jid}: no resumable stream to resume")
+        if session.custom_address is None:
+            raise XmppClientError(f"{self.jid}: resume() without the address of the first connect")
+        host, port = session.custom_address
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def resumed(_event: Any) -> None:
+            if not outcome.done():
+                outcome.set_result(None)
+
+        def failed(reason: str) -> Callable[[Any], None]:
+            def handler(_event: Any) -> None:
+                if not outcome.done():
+                    outcome.set_exception(XmppClientError(f"{self.jid}: {reason}"))
+
+            return handler
+
+        handlers: list[tuple[str, Callable[[Any], None]]] = [
+            ("session_resumed", resumed),
+            ("sm_failed", failed("the server refused to resume the session (<failed/>)")),
+            ("failed_all_auth", failed("authentication failed")),
+            ("connection_failed", failed("connection failed")),
+            ("stream_error", failed("stream error")),
+        ]
+        for event, handler in handlers:
+            session.add_event_handler(event, handler)
+        try:
+            session.connect(host, port)
+            await asyncio.wait_for(outcome, timeout)
+        except BaseException:
+            await self._shut_down(wait=0)
+            raise
+        finally:
+            for event, handler in handlers:
+                session.del_event_handler(event, handler)
+
+    async def set_active(self, active: bool) -> None:
+        """XEP-0352 client state indication: `<inactive/>` as an app going to the
+        background, `<active/>` as it comes back (the server needs mod_csi)."""
+        state = "active" if active else "inactive"
+        self._session.send_raw(f"<{state} xmlns='{NS_CSI}'/>")
+        await asyncio.sleep(0)
+
+    def stop_reading(self) -> None:
+        """Stop reading the socket: a frozen app whose kernel still acknowledges TCP, so
+        the server's writes succeed but nothing is processed, and no XEP-0198
+        acknowledgement goes back. `start_reading()` carries on where it stopped."""
+        self._transport("stop_reading").pause_reading()
+
+    def start_reading(self) -> None:
+        self._transport("start_reading").resume_reading()
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -242,6 +346,12 @@ class XmppClient:
         traceback: types.TracebackType | None,
     ) -> None:
         await self.close()
+
+    def _transport(self, caller: str) -> asyncio.Transport:
+        transport = self._session.transport
+        if transport is None:
+            raise XmppClientError(f"{self.jid}: {caller}() while not connected")
+        return transport
 
     async def _request(self, iq: Any, timeout: float) -> Element:
         try:

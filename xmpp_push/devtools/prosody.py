@@ -4,13 +4,15 @@ Everything it writes stays in `run_dir`: the config, the accounts and archives
 (`data/`), the log. It speaks plain TCP only (no TLS, no s2s, no HTTP) and runs as
 the current user, root included (`run_as_root`). Needs the Debian packages
 `prosody` and `prosody-modules` (mod_cloud_notify, mod_delegation, mod_privilege).
-See PROTOCOLS.md §9 for the measurements behind the defaults.
+With `xmpp_push_plugin` it also loads the project's own server plugin from the
+checkout's plugins/prosody. See PROTOCOLS.md §9 for the measurements behind the defaults.
 """
 
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from xmpp_push.devtools import LOOPBACK, ServerError, free_loopback_ports, require_binary
@@ -21,6 +23,9 @@ __all__ = ["Prosody", "ProsodyOptions"]
 INSTALL_HINT = "the Debian packages prosody and prosody-modules"
 
 NS_PUSH = "urn:xmpp:push:0"
+
+PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugins" / "prosody"
+"""plugins/prosody in a source checkout: where mod_xmpp_push.lua lives."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,14 @@ class ProsodyOptions(ServerOptions):
     extra_plugin_paths: tuple[str, ...] = ()
     extra_modules: tuple[str, ...] = ()
     """Loaded globally: on the VirtualHost, and on the component where Prosody allows it."""
+    extra_components: Mapping[str, str] = field(default_factory=dict)
+    """More XEP-0114 components, JID → secret (e.g. a second push service)."""
+    xmpp_push_plugin: bool = False
+    """Load the project's server plugin (plugins/prosody/mod_xmpp_push.lua) on the
+    VirtualHost, reporting to `component_jid` (docs/plugin-protocol.md)."""
+    xmpp_push_plugin_path: str | None = None
+    """The directory holding mod_xmpp_push.lua; by default the repository's
+    plugins/prosody next to this package (a source checkout)."""
 
 
 class Prosody(LoopbackServer[ProsodyOptions]):
@@ -139,6 +152,12 @@ def render_config(
     if options.privilege:
         host_modules.append("privilege")
     component = _lua(options.component_jid)
+    plugin_paths = list(options.extra_plugin_paths)
+    vhost_modules = list(host_modules)
+    if options.xmpp_push_plugin:
+        # On the VirtualHost only: its user sessions are what the plugin watches.
+        plugin_paths.insert(0, str(_plugin_dir(options)))
+        vhost_modules.append("xmpp_push")
 
     lines = [
         "-- Written by xmpp_push.devtools.prosody for a throw-away server; rewritten on start.",
@@ -147,7 +166,7 @@ def render_config(
         f"data_path = {_lua(str(run_dir / 'data'))}",
         # An empty certs dir keeps the certificate manager from searching /etc.
         f"certificates = {_lua(str(run_dir / 'certs'))}",
-        f"plugin_paths = {_lua_list(options.extra_plugin_paths)}",
+        f"plugin_paths = {_lua_list(plugin_paths)}",
         "log = {",
         f'\t{{ levels = {{ min = "debug" }}, to = "file", '
         f"filename = {_lua(str(run_dir / 'prosody.log'))} }};",
@@ -181,7 +200,7 @@ def render_config(
         options.extra_global,
         "",
         f"VirtualHost {_lua(options.domain)}",
-        f"\tmodules_enabled = {_lua_list(host_modules)}",
+        f"\tmodules_enabled = {_lua_list(vhost_modules)}",
     ]
     if options.delegation:
         lines.append(f"\tdelegations = {{ [{_lua(NS_PUSH)}] = {{ jid = {component} }}; }}")
@@ -189,6 +208,8 @@ def render_config(
         lines.append(
             f'\tprivileged_entities = {{ [{component}] = {{ presence = "managed_entity" }}; }}'
         )
+    if options.xmpp_push_plugin:
+        lines.append(f"\txmpp_push_component = {component}")
     lines += [
         "",
         f"Component {component}",
@@ -196,7 +217,19 @@ def render_config(
         f"\tmodules_enabled = {_lua_list(host_modules)}",
         "",
     ]
+    for jid, secret in options.extra_components.items():
+        lines += [f"Component {_lua(jid)}", f"\tcomponent_secret = {_lua(secret)}", ""]
     return "\n".join(lines)
+
+
+def _plugin_dir(options: ProsodyOptions) -> Path:
+    directory = Path(options.xmpp_push_plugin_path) if options.xmpp_push_plugin_path else PLUGIN_DIR
+    if not (directory / "mod_xmpp_push.lua").is_file():
+        raise ServerError(
+            f"xmpp_push_plugin is set but {directory} has no mod_xmpp_push.lua "
+            "(set xmpp_push_plugin_path to the repository's plugins/prosody)"
+        )
+    return directory.resolve()
 
 
 def _lua(value: str) -> str:
