@@ -210,3 +210,20 @@ def test_health_needs_fewer_than_a_quarter_refusals(refusals: int, healthy: bool
     for index in range(10):
         window.record(app, refused=index < refusals, now=0)
     assert window.healthy(app, now=1) is healthy
+
+
+async def test_submit_answers_exactly_once_even_when_the_push_ends_after_the_deadline() -> None:
+    provider = ScriptedProvider(0.2)
+    d = dispatcher(provider, reply_timeout=0.05)
+    answers: list[Outcome] = []
+    d.submit(make_push(), lambda result: answers.append(result.outcome))
+    await asyncio.sleep(0.4)
+    assert answers == [Outcome.QUEUED]
+    assert d.pending_retries == 0
+
+
+async def test_submit_answers_a_quick_delivery_with_its_result() -> None:
+    d = dispatcher(ScriptedProvider(None))
+    answered: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    d.submit(make_push(), lambda result: answered.set_result(result.outcome))
+    assert await asyncio.wait_for(answered, 1) is Outcome.DELIVERED

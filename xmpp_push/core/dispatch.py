@@ -110,6 +110,21 @@ def _app_of(push: Push) -> tuple[str, ...]:
     return (device.service.value, device.mode.value if device.mode else "", device.topic or "")
 
 
+class _Reply:
+    """Calls `on_result` once, whichever of the result and the reply deadline comes
+    first."""
+
+    __slots__ = ("_on_result", "answered")
+
+    def __init__(self, on_result: Callable[[Result], None]) -> None:
+        self._on_result = on_result
+        self.answered = False
+
+    def answer(self, result: Result) -> None:
+        self.answered = True
+        self._on_result(result)
+
+
 class Dispatcher:
     """Sends pushes through the providers and maps what they say to an `Outcome`."""
 
@@ -139,31 +154,69 @@ class Dispatcher:
     def pending_retries(self) -> int:
         return len(self._background)
 
-    async def deliver(self, push: Push) -> Result:
-        """Deliver `push`, waiting at most `reply_timeout` for a final answer."""
+    def submit(self, push: Push, on_result: Callable[[Result], None]) -> None:
+        """Start delivering `push`; `on_result` is called exactly once: with the final
+        result when it comes within `reply_timeout`, else with QUEUED (retries go on in
+        the background) or TRY_LATER (the retry queue is full).
+
+        Callback-shaped so that a publish costs one task, not a task plus a waiter:
+        the XMPP adapter answers the server from `on_result`."""
         if self._closing:
-            return Result(Outcome.TRY_LATER)
+            on_result(Result(Outcome.TRY_LATER))
+            return
         device = push.device
         if self._quarantine.holds(device.service, device.token, self._clock()):
-            return Result(Outcome.TOKEN_REFUSED)
-        task = asyncio.create_task(self._attempts(push))
+            on_result(Result(Outcome.TOKEN_REFUSED))
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._attempts(push))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-        done, _ = await asyncio.wait({task}, timeout=self._policy.reply_timeout)
-        if done:
+        reply = _Reply(on_result)
+        timer = loop.call_later(self._policy.reply_timeout, self._reply_due, task, reply)
+        task.add_done_callback(lambda done: self._settled(done, reply, timer))
+
+    async def deliver(self, push: Push) -> Result:
+        """Deliver `push`, waiting at most `reply_timeout` for a final answer."""
+        answered: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+        def settle(result: Result) -> None:
+            if not answered.done():  # the caller may have given up (cancelled)
+                answered.set_result(result)
+
+        self.submit(push, settle)
+        return await answered
+
+    def _settled(
+        self, task: asyncio.Task[Result], reply: _Reply, timer: asyncio.TimerHandle
+    ) -> None:
+        timer.cancel()
+        if reply.answered:
+            return
+        if task.cancelled():
             # Cancelled by drain() at shutdown: the server should try again later.
-            return Result(Outcome.TRY_LATER) if task.cancelled() else task.result()
+            reply.answer(Result(Outcome.TRY_LATER))
+        elif (problem := task.exception()) is not None:
+            log.error("delivery_failed", error=repr(problem))
+            reply.answer(Result(Outcome.TRY_LATER))
+        else:
+            reply.answer(task.result())
+
+    def _reply_due(self, task: asyncio.Task[Result], reply: _Reply) -> None:
+        if task.done() or reply.answered:
+            return
         if self._closing or len(self._background) >= self._policy.max_pending:
-            task.cancel()
             log.warning("retry_queue_full", pending=len(self._background))
-            return Result(Outcome.TRY_LATER)
+            reply.answer(Result(Outcome.TRY_LATER))
+            task.cancel()
+            return
         self._background.add(task)
         task.add_done_callback(self._background_done)
-        return Result(Outcome.QUEUED)
+        reply.answer(Result(Outcome.QUEUED))
 
     def _background_done(self, task: asyncio.Task[Result]) -> None:
         self._background.discard(task)
-        if task.cancelled():
+        if task.cancelled() or task.exception() is not None:
             return
         result = task.result()
         log.info("background_delivery_ended", outcome=result.outcome.value)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 from xmpp_push.core.appserver import PublishPolicy, RequestError, to_push
 from xmpp_push.core.dispatch import Dispatcher
+from xmpp_push.xmpp.component import Reply
 from xmpp_push.xmpp.errors import OUTCOME_REPLIES, REQUEST_REPLIES, StanzaError
 from xmpp_push.xmpp.publish import PublishRequest
 
@@ -26,13 +28,26 @@ class AppServer:
         self._policy = policy
         self._clock = clock
 
-    async def __call__(self, request: PublishRequest) -> StanzaError | None:
+    def submit(self, request: PublishRequest, reply: Reply) -> None:
+        """Answer through `reply` once the dispatcher settled the push (or at once
+        for a request problem)."""
         try:
             push = to_push(
                 request.node, request.summary, request.options, self._policy, self._clock()
             )
         except RequestError as error:
             kind, condition = REQUEST_REPLIES[error.problem]
-            return StanzaError(kind, condition, error.text)
-        result = await self._dispatcher.deliver(push)
-        return OUTCOME_REPLIES[result.outcome]
+            reply(StanzaError(kind, condition, error.text))
+            return
+        self._dispatcher.submit(push, lambda result: reply(OUTCOME_REPLIES[result.outcome]))
+
+    async def __call__(self, request: PublishRequest) -> StanzaError | None:
+        """The same as `submit`, awaited (tests and embedding)."""
+        answered: asyncio.Future[StanzaError | None] = asyncio.get_running_loop().create_future()
+
+        def settle(error: StanzaError | None) -> None:
+            if not answered.done():
+                answered.set_result(error)
+
+        self.submit(request, settle)
+        return await answered

@@ -9,11 +9,12 @@ its own task, so a slow push network never holds up the stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 from xml.etree.ElementTree import Element
 from xml.sax.saxutils import quoteattr
 
@@ -40,8 +41,22 @@ NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 _IQ = f"{{{NS_COMPONENT}}}iq"
 _ROUTED = frozenset({_IQ, f"{{{NS_COMPONENT}}}message"})
 
-PublishHandler = Callable[[PublishRequest], Awaitable[StanzaError | None]]
-"""Delivers one publish; returns the error to answer with, or None for `result`."""
+Reply = Callable[[StanzaError | None], None]
+"""Answers one publish: the error to answer with, or None for `result`."""
+
+
+@runtime_checkable
+class SubmitsPublishes(Protocol):
+    """A publish handler shaped for the hot path: `submit` starts the delivery and
+    calls `reply` exactly once, from whatever callback settles it, so a publish needs
+    no task of the component's own (xmpp_push.xmpp.appserver.AppServer)."""
+
+    def submit(self, request: PublishRequest, reply: Reply) -> None: ...
+
+
+PublishHandler = SubmitsPublishes | Callable[[PublishRequest], Awaitable[StanzaError | None]]
+"""`SubmitsPublishes`, or a coroutine function returning the error to answer with (or
+None for `result`), run as one task per publish."""
 
 StanzaHandler = Callable[[Element], None]
 """Takes the raw element of one incoming stanza (see `PushComponent.add_handler`)."""
@@ -84,6 +99,10 @@ class PushComponent(ComponentXMPP):
         self._settings = settings
         self._on_publish = on_publish
         self._answers: set[asyncio.Task[None]] = set()
+        self._unanswered = 0
+        """Publishes handed to a `SubmitsPublishes` handler and not answered yet."""
+        self._all_answered = asyncio.Event()
+        self._all_answered.set()
         self._stopping = False
         self._backoff = Backoff(settings.reconnect_max_delay)
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -263,7 +282,7 @@ class PushComponent(ComponentXMPP):
         `max_in_flight` answers are pending; None when one more can be taken."""
         if self._stopping:
             return SHUTTING_DOWN
-        if len(self._answers) >= self._settings.max_in_flight:
+        if len(self._answers) + self._unanswered >= self._settings.max_in_flight:
             return OVERLOADED
         return None
 
@@ -338,23 +357,56 @@ class PushComponent(ComponentXMPP):
             log.info("publish_rejected", sender=sender, error=str(error))
             self._send_xml(error_iq(iq_id, sender, me, error))
             return
-        self.start_answer(self._answer(iq_id, sender, me, request))
+        handler = self._on_publish
+        if isinstance(handler, SubmitsPublishes):
+            self._unanswered += 1
+            self._all_answered.clear()
+            handler.submit(request, self._replier(iq_id, sender, me, request.node))
+        else:
+            self.start_answer(self._answer(handler, iq_id, sender, me, request))
 
-    async def _answer(self, iq_id: str, sender: str, me: str, request: PublishRequest) -> None:
+    def _replier(self, iq_id: str, sender: str, me: str, node: str | None) -> Reply:
+        answered = False
+
+        def reply(error: StanzaError | None) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            self._unanswered -= 1
+            if self._unanswered == 0:
+                self._all_answered.set()
+            self._send_answer_for(iq_id, sender, me, node, error)
+
+        return reply
+
+    async def _answer(
+        self,
+        handler: Callable[[PublishRequest], Awaitable[StanzaError | None]],
+        iq_id: str,
+        sender: str,
+        me: str,
+        request: PublishRequest,
+    ) -> None:
         try:
-            error = await self._on_publish(request)
+            error = await handler(request)
         except asyncio.CancelledError:
             error = SHUTTING_DOWN
         except Exception:
             log.exception("publish_failed", node=request.node)
             error = StanzaError("wait", "internal-server-error")
+        self._send_answer_for(iq_id, sender, me, request.node, error)
+
+    def _send_answer_for(
+        self, iq_id: str, sender: str, me: str, node: str | None, error: StanzaError | None
+    ) -> None:
         if error is None:
             self._send_xml(result_iq(iq_id, sender, me))
         else:
             self._send_xml(error_iq(iq_id, sender, me, error))
         log.debug(
             "publish_answered",
-            node=request.node,
+            node=node,
             reply="result" if error is None else f"{error.type}/{error.condition}",
         )
 
@@ -369,7 +421,10 @@ class PushComponent(ComponentXMPP):
 
     async def finish_answers(self, timeout: float) -> None:
         """Wait for in-flight answers (publishes, and whatever `start_answer` runs);
-        cancel the rest, which answer `wait`."""
+        cancel the rest, which answer `wait`. Submitted publishes are answered by the
+        dispatcher (its drain answers what it abandons `wait`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         pending = set(self._answers)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=timeout)
@@ -377,6 +432,11 @@ class PushComponent(ComponentXMPP):
             task.cancel()  # _answer turns the cancellation into a `wait` reply
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._unanswered:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_answered.wait(), max(0.0, deadline - loop.time()))
+        if self._unanswered:
+            log.warning("publishes_unanswered", count=self._unanswered)
 
     async def close(self) -> None:
         self.stop_accepting()
