@@ -346,3 +346,13 @@ def test_literal_encoder_output_decodes_to_the_same_headers() -> None:
     # index: 0x1f 0x08), so no intermediary ever stores the JWT
     jwt = b"bearer " + b"x" * 300
     assert b"\x1f\x08" + _hpack_integer(len(jwt), 7, 0) + jwt in second
+
+
+def test_apns_ids_are_random_version_4_uuids_in_canonical_form() -> None:
+    ids = {build_request(make_push(), TOPIC).apns_id for _ in range(2000)}
+    assert len(ids) == 2000
+    for apns_id in ids:
+        parsed = uuid.UUID(apns_id)
+        assert str(parsed) == apns_id
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122

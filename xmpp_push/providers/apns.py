@@ -39,7 +39,6 @@ import json
 import os
 import ssl
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -151,9 +150,17 @@ def build_request(push: Push, default_topic: str) -> ApnsRequest:
         "apns-priority": priority,
         # 0 tells APNs to try once and not store; any other value is an absolute time.
         "apns-expiration": "0" if push.ttl == 0 else str(int(push.expires_at)),
-        "apns-id": str(uuid.uuid4()),
+        "apns-id": _uuid4(),
     }
     return ApnsRequest(path=f"/3/device/{device.token}", headers=headers, body=body)
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID in canonical form: what `str(uuid.uuid4())` gives, for
+    a third of its cost (it showed at 3 % of a push)."""
+    h = os.urandom(16).hex()
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
 
 
 def _alert_body(push: Push) -> bytes:
