@@ -23,8 +23,8 @@ a GOAWAY goes out and `ConnectionFailed` is the last event.
 
 The encoder is the caller's: it must not use a dynamic table (HPACK's table size
 update to 0 in its first block does that), so the server's SETTINGS_HEADER_TABLE_SIZE
-never obliges us to anything. Answers are decoded with `hpack.Decoder`, whose dynamic
-table the server fills.
+never obliges us to anything. Answers are decoded by our own HPACK decoder (`_hpack`),
+whose dynamic table the server fills.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
-from hpack import Decoder
-from hpack.exceptions import HPACKError
+from xmpp_push.providers._hpack import DEFAULT_TABLE_SIZE, Decoder, HpackError
 
 __all__ = [
     "PREFACE",
@@ -111,7 +110,7 @@ _MIN_FRAME_SIZE: Final = 16_384
 _MAX_FRAME_SIZE_LIMIT: Final = 2**24 - 1
 _RECEIVE_FRAME_SIZE: Final = _MIN_FRAME_SIZE
 """Our SETTINGS_MAX_FRAME_SIZE: the default, so we never announce it."""
-_DECODER_TABLE_SIZE: Final = 4096
+_DECODER_TABLE_SIZE: Final = DEFAULT_TABLE_SIZE
 """Our SETTINGS_HEADER_TABLE_SIZE: the default, so we never announce it."""
 _MAX_HEADER_BLOCK: Final = 64 * 1024
 """A header block (HEADERS plus CONTINUATIONs) longer than this is an attack, not APNs."""
@@ -229,8 +228,7 @@ class ClientConnection:
 
     def __init__(self, encoder: HeaderEncoder) -> None:
         self._encoder = encoder
-        self._decoder = Decoder()
-        self._decoder.max_allowed_table_size = _DECODER_TABLE_SIZE
+        self._decoder = Decoder(_DECODER_TABLE_SIZE)
         self._out = bytearray()
         self._buffer = b""
         self._events: list[Event] = []
@@ -454,9 +452,8 @@ class ClientConnection:
         stream = self._stream(stream_id)
         # Decoded even for a stream we reset: the block may change the dynamic table.
         try:
-            # raw=True: names and values stay bytes (hpack annotates them as str).
-            headers = cast("list[tuple[bytes, bytes]]", self._decoder.decode(block, raw=True))
-        except HPACKError as exc:
+            headers = self._decoder.decode(block)
+        except HpackError as exc:
             raise _ProtocolViolation(ErrorCode.COMPRESSION_ERROR, repr(exc)) from None
         if stream is None:
             return

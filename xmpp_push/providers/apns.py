@@ -49,7 +49,6 @@ import structlog
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from hpack.table import HeaderTable
 
 from xmpp_push.core.model import (
     DEFAULT_BODY,
@@ -61,6 +60,7 @@ from xmpp_push.core.model import (
     redact_token,
 )
 from xmpp_push.core.outcomes import DeliveryError, ErrorCategory
+from xmpp_push.providers._hpack import STATIC_TABLE
 from xmpp_push.providers._http import parse_retry_after
 from xmpp_push.providers._http2 import (
     ClientConnection,
@@ -260,10 +260,8 @@ def _hpack_string(data: bytes) -> bytes:
     return _hpack_integer(len(data), 7, 0x00) + data  # H=0: raw octets, no Huffman
 
 
-_STATIC_FIELDS: Final = {field: i for i, field in enumerate(HeaderTable.STATIC_TABLE, 1)}
-_STATIC_NAMES: Final = {
-    name: i for i, (name, _) in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))
-}
+_STATIC_FIELDS: Final = {field: i for i, field in enumerate(STATIC_TABLE, 1)}
+_STATIC_NAMES: Final = {name: i for i, (name, _) in reversed(list(enumerate(STATIC_TABLE, 1)))}
 _NEVER_INDEXED: Final = frozenset({b"authorization"})
 _VARYING: Final = frozenset({b":path", b"apns-id", b"apns-expiration", b"content-length"})
 """Fields that differ per request: not worth remembering."""
