@@ -16,11 +16,27 @@ from collections.abc import AsyncIterator, Mapping
 from xml.etree.ElementTree import Element
 from xml.sax.saxutils import quoteattr
 
+import pytest
 from slixmpp import ComponentXMPP
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-__all__ = ["NS_PLUGIN", "PluginPeer", "running_peer"]
+from tests.servers import USERS, XmppServer
+from xmpp_push.devtools.client import XmppClient
+
+__all__ = [
+    "NOTIFY_WAIT",
+    "NS_PLUGIN",
+    "NS_STANZAS",
+    "UNDECIDED_DELAY_MS",
+    "PluginPeer",
+    "armed",
+    "error_of",
+    "knobs",
+    "logged_in",
+    "next_notify",
+    "running_peer",
+]
 
 NS_PLUGIN = "urn:xmpp-push:plugin:1"
 _NS_COMPONENT = "jabber:component:accept"
@@ -150,3 +166,64 @@ async def running_peer(
         peer.disconnect(wait=1)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(peer.disconnected, 3)
+
+
+# -- helpers shared by the plugin tests (tests/integration/test_*_plugin.py) ------------
+
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+NOTIFY_WAIT = 10.0
+"""Seconds a test waits for a notify it expects."""
+UNDECIDED_DELAY_MS = 2000
+
+
+def knobs(**overrides: str) -> dict[str, str]:
+    """A whole `configure` (it states every knob): the tests' defaults and `overrides`.
+    The keepalive is far beyond a test module's run: a session a test leaves hibernated
+    must not time out (and send its unacknowledged messages offline) during a later test."""
+    return {
+        "undecided_delay": str(UNDECIDED_DELAY_MS),
+        "hibernation_keepalive": "3600",
+        "include_body": "false",
+        "include_sender": "true",
+        **overrides,
+    }
+
+
+@contextlib.asynccontextmanager
+async def logged_in(
+    server: XmppServer, user: str, *, stream_management: bool = False
+) -> AsyncIterator[XmppClient]:
+    client = await XmppClient.connect(
+        server.jid(user),
+        USERS[user],
+        server.host,
+        server.c2s_port,
+        stream_management=stream_management,
+    )
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close(timeout=2)
+
+
+async def armed(peer: PluginPeer, client: XmppClient) -> XmppClient:
+    answer = await peer.arm(client.jid)
+    assert answer.get("type") == "result"
+    return client
+
+
+async def next_notify(peer: PluginPeer, server: XmppServer) -> Element:
+    try:
+        return await peer.next_notify(NOTIFY_WAIT)
+    except TimeoutError:
+        pytest.fail(f"no notify within {NOTIFY_WAIT:g} s\n{server.log_tail(40)}")
+
+
+def error_of(answer: Element) -> tuple[str, str]:
+    """(type, condition) of an `error` IQ."""
+    assert answer.get("type") == "error"
+    error = answer.find("{jabber:component:accept}error")
+    assert error is not None
+    condition = next(child.tag for child in error if child.tag.startswith(f"{{{NS_STANZAS}}}"))
+    return error.get("type", ""), condition.split("}", 1)[1]

@@ -21,11 +21,21 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
-from xml.etree.ElementTree import Element
 
 import pytest
 
-from tests.pluginpeer import NS_PLUGIN, PluginPeer, running_peer
+from tests.pluginpeer import (
+    NOTIFY_WAIT,
+    NS_PLUGIN,
+    UNDECIDED_DELAY_MS,
+    PluginPeer,
+    armed,
+    error_of,
+    knobs,
+    logged_in,
+    next_notify,
+    running_peer,
+)
 from tests.servers import COMPONENT_JID, DOMAIN, USERS, require_server
 from tests.servers.ejabberd import Ejabberd, EjabberdOptions
 from xmpp_push.devtools.client import XmppClient, XmppClientError
@@ -38,8 +48,6 @@ OTHER_COMPONENT = "other.localhost"
 OTHER_SECRET = "s3cret-other"
 RESUME_TIMEOUT = 3
 """ejabberd's own resumption timeout (s): an unarmed session is gone after it."""
-UNDECIDED_DELAY_MS = 2000
-NOTIFY_WAIT = 10.0
 QUIET = 1.0
 """How long to watch for an unwanted notify where one would come at once (a hibernated
 or offline notify takes milliseconds)."""
@@ -47,7 +55,6 @@ or offline notify takes milliseconds)."""
 LOG_ENTRY = re.compile(r"^(?=\d{4}-\d\d-\d\d )", re.MULTILINE)
 """Where an entry of ejabberd's log begins (a stack trace spans several lines)."""
 
-NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 NS_CHATSTATES = "http://jabber.org/protocol/chatstates"
 NS_OMEMO = "eu.siacs.conversations.axolotl"
 NS_JINGLE_MESSAGE = "urn:xmpp:jingle-message:0"
@@ -93,19 +100,6 @@ def is_plugin_failure(entry: str) -> bool:
     return "mod_xmpp_push" in header or "{mod_xmpp_push," in entry
 
 
-def knobs(**overrides: str) -> dict[str, str]:
-    """A whole `configure` (it states every knob): the tests' defaults and `overrides`."""
-    return {
-        "undecided_delay": str(UNDECIDED_DELAY_MS),
-        # Far beyond the module's run: a session a test leaves hibernated must not time
-        # out (and send its unacknowledged messages offline) during a later test.
-        "hibernation_keepalive": "3600",
-        "include_body": "false",
-        "include_sender": "true",
-        **overrides,
-    }
-
-
 @pytest.fixture
 async def peer(ejabberd: Ejabberd) -> AsyncIterator[PluginPeer]:
     """The component, connected, having sent `configure` with `knobs()`."""
@@ -113,46 +107,6 @@ async def peer(ejabberd: Ejabberd) -> AsyncIterator[PluginPeer]:
         answer = await p.configure(DOMAIN, **knobs())
         assert answer.get("type") == "result", ejabberd.log_tail()
         yield p
-
-
-@contextlib.asynccontextmanager
-async def logged_in(
-    server: Ejabberd, user: str, *, stream_management: bool = False
-) -> AsyncIterator[XmppClient]:
-    client = await XmppClient.connect(
-        server.jid(user),
-        USERS[user],
-        server.host,
-        server.c2s_port,
-        stream_management=stream_management,
-    )
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(Exception):
-            await client.close(timeout=2)
-
-
-async def armed(peer: PluginPeer, client: XmppClient) -> XmppClient:
-    answer = await peer.arm(client.jid)
-    assert answer.get("type") == "result"
-    return client
-
-
-async def next_notify(peer: PluginPeer, server: Ejabberd) -> Element:
-    try:
-        return await peer.next_notify(NOTIFY_WAIT)
-    except TimeoutError:
-        pytest.fail(f"no notify within {NOTIFY_WAIT:g} s\n{server.log_tail(40)}")
-
-
-def error_of(answer: Element) -> tuple[str, str]:
-    """(type, condition) of an `error` IQ."""
-    assert answer.get("type") == "error"
-    error = answer.find("{jabber:component:accept}error")
-    assert error is not None
-    condition = next(child.tag for child in error if child.tag.startswith(f"{{{NS_STANZAS}}}"))
-    return error.get("type", ""), condition.split("}", 1)[1]
 
 
 # --- configure, arm --------------------------------------------------------------------

@@ -27,7 +27,17 @@ from xml.etree.ElementTree import Element, SubElement
 
 import pytest
 
-from tests.pluginpeer import NS_PLUGIN, PluginPeer, running_peer
+from tests.pluginpeer import (
+    NOTIFY_WAIT,
+    NS_PLUGIN,
+    PluginPeer,
+    armed,
+    error_of,
+    knobs,
+    logged_in,
+    next_notify,
+    running_peer,
+)
 from tests.servers import COMPONENT_JID, DOMAIN, USERS, require_server
 from xmpp_push.devtools import require_binary
 from xmpp_push.devtools.client import (
@@ -42,13 +52,10 @@ pytestmark = pytest.mark.prosody
 
 SECRET = "s3cret-plugin"
 OTHER_COMPONENT = "other.localhost"
-UNDECIDED_DELAY_MS = 2000
-NOTIFY_WAIT = 10.0
 QUIET = 0.5
 """How long to watch for an unwanted notify where one would come at once (a hibernated
 or offline notify takes milliseconds)."""
 
-NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 NS_CHATSTATES = "http://jabber.org/protocol/chatstates"
 NS_RECEIPTS = "urn:xmpp:receipts"
 NS_OMEMO = "eu.siacs.conversations.axolotl"
@@ -69,17 +76,6 @@ BASE_OPTIONS = ProsodyOptions(
 
 def plugin_options(**overrides: Any) -> ProsodyOptions:
     return dataclasses.replace(BASE_OPTIONS, **overrides)
-
-
-def knobs(**overrides: str) -> dict[str, str]:
-    """A whole `configure` (it states every knob): the tests' defaults and `overrides`."""
-    return {
-        "undecided_delay": str(UNDECIDED_DELAY_MS),
-        "hibernation_keepalive": "3600",
-        "include_body": "false",
-        "include_sender": "true",
-        **overrides,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -116,46 +112,6 @@ async def connected_peer(server: Prosody, **overrides: str) -> AsyncIterator[Plu
 async def peer(prosody: Prosody) -> AsyncIterator[PluginPeer]:
     async with connected_peer(prosody) as p:
         yield p
-
-
-@contextlib.asynccontextmanager
-async def logged_in(
-    server: Prosody, user: str, *, stream_management: bool = False
-) -> AsyncIterator[XmppClient]:
-    client = await XmppClient.connect(
-        server.jid(user),
-        USERS[user],
-        server.host,
-        server.c2s_port,
-        stream_management=stream_management,
-    )
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(Exception):
-            await client.close(timeout=2)
-
-
-async def armed(peer: PluginPeer, client: XmppClient) -> XmppClient:
-    answer = await peer.arm(client.jid)
-    assert answer.get("type") == "result"
-    return client
-
-
-async def next_notify(peer: PluginPeer, server: Prosody) -> Element:
-    try:
-        return await peer.next_notify(NOTIFY_WAIT)
-    except TimeoutError:
-        pytest.fail(f"no notify within {NOTIFY_WAIT:g} s\n{server.log_tail(40)}")
-
-
-def error_of(answer: Element) -> tuple[str, str]:
-    """(type, condition) of an `error` IQ."""
-    assert answer.get("type") == "error"
-    error = answer.find("{jabber:component:accept}error")
-    assert error is not None
-    condition = next(child.tag for child in error if child.tag.startswith(f"{{{NS_STANZAS}}}"))
-    return error.get("type", ""), condition.split("}", 1)[1]
 
 
 def body_of(notify: Element) -> str | None:
