@@ -505,6 +505,26 @@ async def test_record_success_of_a_healthy_registration_moves_the_time(
     assert (healthy.last_success_at, healthy.failure_count) == (NOW + 2, 0)
 
 
+async def test_record_successes_writes_a_batch_healthy_and_recovering_alike(
+    store: RegistrationStore,
+) -> None:
+    healthy = await enable(store, enable_request("node-1", token="t" * 20))
+    failing = await enable(store, enable_request("node-2", token="u" * 20))
+    await store.record_failure(failing.id, NOW + 1, "BadDeviceToken", quarantine_until=NOW + 9)
+
+    await store.record_successes({healthy.id: NOW + 2, failing.id: NOW + 3, 987_654_321: NOW})
+
+    first, second = await store.get(healthy.id), await store.get(failing.id)
+    assert first is not None
+    assert second is not None
+    assert (first.last_success_at, first.failure_count) == (NOW + 2, 0)
+    assert (second.last_success_at, second.failure_count, second.quarantined_until) == (
+        NOW + 3,
+        0,
+        None,
+    )
+
+
 async def test_release_quarantine_lifts_it(store: RegistrationStore) -> None:
     stored = await enable(store, enable_request())
     await store.record_failure(stored.id, NOW + 1, "BadDeviceToken", quarantine_until=NOW + 86400)

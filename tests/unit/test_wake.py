@@ -13,6 +13,7 @@ from xmpp_push.core.model import Content, Mode, Priority, Push, Service
 from xmpp_push.core.outcomes import DeliveryError, ErrorCategory
 from xmpp_push.core.registrations import Registration, RegistrationRequest, Target
 from xmpp_push.core.wake import (
+    SUCCESS_FLUSH_DELAY,
     VOIP_TTL,
     Groupchat,
     SessionState,
@@ -256,6 +257,7 @@ async def test_a_delivery_is_recorded_on_the_registration() -> None:
     rig = Rig(coalesce_window=0)
     row = await rig.register("n1", resource=None)
     await rig.waker.wake(event())
+    await asyncio.sleep(SUCCESS_FLUSH_DELAY + 0.2)
     stored = await rig.store.get(row.id)
     assert stored is not None
     assert stored.last_success_at is not None
@@ -309,6 +311,36 @@ async def test_a_forward_target_that_says_wait_keeps_the_registration() -> None:
     row = await rig.register("n9", resource=None, target=Target.FORWARD, push_jid="p2.example.net")
     rig.forwarder.fail_with = DeliveryError(ErrorCategory.TRANSIENT, "wait/resource-constraint")
     await rig.waker.wake(event())
+    stored = await rig.store.get(row.id)
+    assert stored is not None
+    assert stored.failure_count == 1
+
+
+async def test_successes_are_written_together_and_close_writes_what_waits() -> None:
+    rig = Rig(coalesce_window=0)
+    first = await rig.register("n1", resource=None, token=PHONE)
+    second = await rig.register("n2", resource=None, token=TABLET)
+    batches: list[dict[int, float]] = []
+    record = rig.store.record_successes
+
+    async def recording(successes: Mapping[int, float]) -> None:
+        batches.append(dict(successes))
+        await record(successes)
+
+    rig.store.record_successes = recording  # type: ignore[method-assign]
+    await rig.waker.wake(event())
+    assert batches == [], "not written at once"
+    await rig.waker.close()
+    assert [sorted(batch) for batch in batches] == [sorted([first.id, second.id])]
+
+
+async def test_a_failure_after_a_waiting_success_is_not_undone_by_it() -> None:
+    rig = Rig(coalesce_window=0)
+    row = await rig.register("n1", resource=None)
+    await rig.waker.wake(event())
+    rig.provider.fail_with = DeliveryError(ErrorCategory.MISCONFIGURED, "InvalidProviderToken")
+    await rig.waker.wake(event())
+    await rig.waker.close()
     stored = await rig.store.get(row.id)
     assert stored is not None
     assert stored.failure_count == 1

@@ -175,6 +175,11 @@ class RegistrationStore(Protocol):
         """Set last_success_at, reset failure_count and any quarantine."""
         ...
 
+    async def record_successes(self, successes: Mapping[int, float]) -> None:
+        """`record_success` for many registrations (id → time) in one transaction; ids
+        that no longer exist are skipped."""
+        ...
+
     async def record_failure(
         self,
         registration_id: int,

@@ -9,7 +9,7 @@ for: no other task sees a half-done enable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from xmpp_push.core.model import Priority
@@ -142,6 +142,10 @@ class MemoryStore:
 
     async def record_success(self, registration_id: int, now: float) -> None:
         self._update(registration_id, last_success_at=now, failure_count=0, quarantined_until=None)
+
+    async def record_successes(self, successes: Mapping[int, float]) -> None:
+        for registration_id, now in successes.items():
+            await self.record_success(registration_id, now)
 
     async def record_failure(
         self,

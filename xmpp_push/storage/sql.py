@@ -960,34 +960,48 @@ class SqlStore:
         return await self._update(registration_id, quarantined_until=None)
 
     async def record_success(self, registration_id: int, now: float) -> None:
-        stamp = _micros(now)
+        await self.record_successes({registration_id: now})
+
+    async def record_successes(self, successes: Mapping[int, float]) -> None:
+        if not successes:
+            return
 
         async def work(connection: AsyncConnection, touched: set[str]) -> None:
-            # The common case, one statement: a healthy row only gets its time. That
-            # change alone notifies nobody (see docs/storage.md): a success follows
-            # every push, and invalidating on each would make the cache useless.
-            quick = await connection.execute(
+            # The common case, one statement for the batch: a healthy row only gets its
+            # time. That change alone notifies nobody (see docs/storage.md): a success
+            # follows every push, and invalidating on each would make the cache useless.
+            await connection.execute(
                 sa.update(registrations)
                 .where(
-                    _t.id == registration_id,
+                    _t.id == sa.bindparam("registration_id"),
                     _t.failure_count == 0,
                     _t.quarantined_until.is_(None),
                 )
-                .values(last_success_at=stamp)
+                .values(last_success_at=sa.bindparam("stamp")),
+                [
+                    {"registration_id": registration_id, "stamp": _micros(now)}
+                    for registration_id, now in successes.items()
+                ],
             )
-            if quick.rowcount == 1:
-                return
-            found = await self._locked(connection, _t.id == registration_id)
-            if not found:
-                return
-            row = found[0]
-            if row.failure_count or row.quarantined_until is not None:
+            # Rows that had failed or were quarantined: reset them, and tell the caches.
+            recovering = await self._locked(
+                connection,
+                sa.and_(
+                    _t.id.in_(list(successes)),
+                    sa.or_(_t.failure_count != 0, _t.quarantined_until.is_not(None)),
+                ),
+            )
+            for row in recovering:
                 touched.add(row.owner)
-            await connection.execute(
-                sa.update(registrations)
-                .where(_t.id == registration_id)
-                .values(last_success_at=stamp, failure_count=0, quarantined_until=None)
-            )
+                await connection.execute(
+                    sa.update(registrations)
+                    .where(_t.id == row.id)
+                    .values(
+                        last_success_at=_micros(successes[row.id]),
+                        failure_count=0,
+                        quarantined_until=None,
+                    )
+                )
 
         await self._write(work)
 
