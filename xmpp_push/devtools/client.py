@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
+import ssl
 import struct
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -96,12 +98,19 @@ class ReceivedMessage:
     xml: Element
 
 
+@functools.cache
+def _plain_tls_context() -> ssl.SSLContext:
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class _Session(ClientXMPP):
     """slixmpp's client, set up for the throw-away servers: plain TCP, SCRAM without
     TLS, no DNS."""
 
     def __init__(self, jid: str, password: str, *, stream_management: bool) -> None:
-        super().__init__(jid, password)
+        # slixmpp builds a verifying TLS context per client by default, loading the
+        # system CA bundle (~0.1 s of CPU each); these streams never use TLS.
+        super().__init__(jid, password, ssl_context=_plain_tls_context())
         # The servers listen on custom ports without TLS (PROTOCOLS.md §8): no direct
         # TLS attempt, and SCRAM over plaintext must be allowed explicitly.
         self.enable_direct_tls = False
