@@ -5,14 +5,23 @@ place of xmpp-push, so that what the plugin sends is seen exactly as it went ove
 wire, with no decisions of the component in between. It answers every `notify`
 `result` (or what `answer_notify` says), answers `configure` gets with `knobs`, and can
 send `configure`, `arm` and `disarm` and wait for the answers.
+
+Below it, what the plugin test modules share: the servers they run
+(`prosody_plugin_server`, `ejabberd_plugin_server`, with the plugin and a second
+component), how to restart the plugin in one (`reload_plugin`), and the steps of a test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
-from collections.abc import AsyncIterator, Mapping
+import re
+import subprocess
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
 from xml.etree.ElementTree import Element
 from xml.sax.saxutils import quoteattr
 
@@ -21,20 +30,33 @@ from slixmpp import ComponentXMPP
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from tests.servers import USERS, XmppServer
+from tests.servers import COMPONENT_JID, DOMAIN, USERS, XmppServer, require_server
+from tests.servers.ejabberd import Ejabberd, EjabberdOptions
+from xmpp_push.devtools import require_binary
 from xmpp_push.devtools.client import XmppClient
+from xmpp_push.devtools.prosody import Prosody, ProsodyOptions
 
 __all__ = [
+    "EJABBERD_RESUME_TIMEOUT",
     "NOTIFY_WAIT",
     "NS_PLUGIN",
     "NS_STANZAS",
+    "OTHER_COMPONENT",
+    "OTHER_SECRET",
+    "PLUGIN_SECRET",
     "UNDECIDED_DELAY_MS",
     "PluginPeer",
     "armed",
+    "connected_peer",
+    "ejabberd_plugin_server",
     "error_of",
+    "hibernated_alice",
     "knobs",
     "logged_in",
     "next_notify",
+    "prosody_plugin_options",
+    "prosody_plugin_server",
+    "reload_plugin",
     "running_peer",
 ]
 
@@ -220,6 +242,23 @@ async def next_notify(peer: PluginPeer, server: XmppServer) -> Element:
         pytest.fail(f"no notify within {NOTIFY_WAIT:g} s\n{server.log_tail(40)}")
 
 
+@contextlib.asynccontextmanager
+async def hibernated_alice(
+    server: XmppServer, peer: PluginPeer
+) -> AsyncIterator[tuple[XmppClient, XmppClient]]:
+    """(alice, bob): alice's session armed and hibernated, so that every stanza routed
+    to it is judged by the plugin at once; resumed and closed after."""
+    async with (
+        logged_in(server, "alice", stream_management=True) as alice,
+        logged_in(server, "bob") as bob,
+    ):
+        await armed(peer, alice)
+        await alice.cut()
+        yield alice, bob
+        with contextlib.suppress(Exception):
+            await alice.resume()
+
+
 def error_of(answer: Element) -> tuple[str, str]:
     """(type, condition) of an `error` IQ."""
     assert answer.get("type") == "error"
@@ -227,3 +266,130 @@ def error_of(answer: Element) -> tuple[str, str]:
     assert error is not None
     condition = next(child.tag for child in error if child.tag.startswith(f"{{{NS_STANZAS}}}"))
     return error.get("type", ""), condition.split("}", 1)[1]
+
+
+@contextlib.asynccontextmanager
+async def connected_peer(server: XmppServer, **overrides: str) -> AsyncIterator[PluginPeer]:
+    """The component, connected, having sent `configure` with `knobs(**overrides)`."""
+    async with running_peer(
+        COMPONENT_JID, server.options.component_secret, server.host, server.component_port
+    ) as peer:
+        answer = await peer.configure(DOMAIN, **knobs(**overrides))
+        assert answer.get("type") == "result", server.log_tail()
+        yield peer
+
+
+# -- the servers the plugin tests run: the plugin's and one other component -------------
+
+PLUGIN_SECRET = "s3cret-plugin"
+OTHER_COMPONENT = "other.localhost"
+"""A component on the same server that is not the plugin's."""
+OTHER_SECRET = "s3cret-other"
+EJABBERD_RESUME_TIMEOUT = 3
+"""ejabberd's own resumption timeout (s): an unarmed session is gone after it."""
+
+
+def prosody_plugin_options(**overrides: Any) -> ProsodyOptions:
+    """Prosody with the plugin and mod_cloud_notify off: in direct mode the component
+    handles the clients' `<enable/>`, and what is recorded is the plugin's doing alone."""
+    return dataclasses.replace(
+        ProsodyOptions(
+            domain=DOMAIN,
+            component_jid=COMPONENT_JID,
+            component_secret=PLUGIN_SECRET,
+            xmpp_push_plugin=True,
+            cloud_notify=False,
+        ),
+        **overrides,
+    )
+
+
+@contextlib.contextmanager
+def prosody_plugin_server(directory: Path) -> Iterator[Prosody]:
+    """The Prosody a plugin test module shares, with the accounts in `USERS`."""
+    require_server("prosody", "prosody prosody-modules lua-unbound lua-event lua-sec")
+    server = Prosody(
+        directory,
+        prosody_plugin_options(
+            # admin_shell: `prosodyctl shell module reload`; csi without csi_simple: an
+            # inactive client that mod_smacks does not ask for acknowledgements.
+            extra_modules=("admin_shell", "csi"),
+            extra_components={OTHER_COMPONENT: OTHER_SECRET},
+        ),
+    )
+    try:
+        server.start()
+        for user, password in USERS.items():
+            server.register(user, password)
+        yield server
+    finally:
+        server.stop()
+
+
+_EJABBERD_LOG_ENTRY = re.compile(r"^(?=\d{4}-\d\d-\d\d )", re.MULTILINE)
+"""Where an entry of ejabberd's log begins (a stack trace spans several lines)."""
+
+
+def is_ejabberd_plugin_failure(entry: str) -> bool:
+    """A log entry of the module's own (its caught errors, a hook crash ejabberd caught
+    for it) or one whose stack trace runs through it."""
+    header = entry.split("\n", 1)[0]
+    if "[error]" not in header and "[critical]" not in header:
+        return False
+    return "mod_xmpp_push" in header or "{mod_xmpp_push," in entry
+
+
+@contextlib.contextmanager
+def ejabberd_plugin_server(directory: Path) -> Iterator[Ejabberd]:
+    """The ejabberd a plugin test module shares, with the accounts in `USERS`: its own
+    push modules are off, its `ack_timeout` is far away (ejabberd would close an unacking
+    connection at that point), and its resumption timeout is short, so that a session
+    still resumable after it proves the plugin's hibernation keepalive. On the way out,
+    fails if the module ever failed inside ejabberd, whatever the tests saw."""
+    require_server("ejabberdctl", "ejabberd")
+    server = Ejabberd(
+        directory,
+        EjabberdOptions(
+            domain=DOMAIN,
+            component_jid=COMPONENT_JID,
+            component_secret=PLUGIN_SECRET,
+            xmpp_push_plugin=True,
+            push=False,  # mod_push_keepalive would stretch timeouts too
+            resume_timeout=EJABBERD_RESUME_TIMEOUT,
+            ack_timeout=600,
+            extra_components={OTHER_COMPONENT: OTHER_SECRET},
+            extra_modules="mod_admin_extra: {}",  # ejabberdctl restart_module
+        ),
+    )
+    try:
+        server.start()
+        for user, password in USERS.items():
+            server.register(user, password)
+        yield server
+        failures = [
+            entry
+            for entry in _EJABBERD_LOG_ENTRY.split(server.log_text())
+            if is_ejabberd_plugin_failure(entry)
+        ]
+        assert not failures, "\n".join(failures)
+    finally:
+        server.stop()
+
+
+def reload_plugin(server: XmppServer) -> None:
+    """Stop and start the plugin in the running `server` (Prosody: `prosodyctl shell
+    module reload`; ejabberd: `ejabberdctl restart_module`)."""
+    if isinstance(server, Ejabberd):
+        server.ctl("restart_module", DOMAIN, "mod_xmpp_push")
+        return
+    assert isinstance(server, Prosody)
+    shell = [require_binary("prosodyctl", "prosody"), "--config", str(server.config_path), "shell"]
+    reload = subprocess.run(
+        [*shell, "module", "reload", "xmpp_push", DOMAIN],
+        cwd=server.run_dir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert reload.returncode == 0, reload.stdout + reload.stderr

@@ -151,11 +151,13 @@ local function own_child_text(element, name)
 	return nil;
 end
 
+-- { element, namespace, child it must have }: an OMEMO <encrypted/> without <payload/>
+-- is key transport (session setup between devices), not a message for the user.
 local ENCRYPTED_PAYLOADS = {
-	{ "encrypted", "eu.siacs.conversations.axolotl" }; -- OMEMO (legacy, what apps send today)
-	{ "encrypted", "urn:xmpp:omemo:0" };
-	{ "encrypted", "urn:xmpp:omemo:1" };
-	{ "encrypted", "urn:xmpp:omemo:2" };
+	{ "encrypted", "eu.siacs.conversations.axolotl", "payload" }; -- OMEMO (legacy, what apps send today)
+	{ "encrypted", "urn:xmpp:omemo:0", "payload" };
+	{ "encrypted", "urn:xmpp:omemo:1", "payload" };
+	{ "encrypted", "urn:xmpp:omemo:2", "payload" };
 	{ "x", "jabber:x:encrypted" }; -- XEP-0027 OpenPGP
 	{ "openpgp", "urn:xmpp:openpgp:0" }; -- XEP-0373 OX
 };
@@ -164,7 +166,10 @@ local CALL_PROPOSALS = { "urn:xmpp:jingle-message:0"; "urn:xmpp:jingle-message:1
 
 local function has_any(message, candidates)
 	for _, candidate in ipairs(candidates) do
-		if message:get_child(candidate[1], candidate[2]) then return true; end
+		local found = message:get_child(candidate[1], candidate[2]);
+		if found and (not candidate[3] or found:get_child(candidate[3], candidate[2])) then
+			return true;
+		end
 	end
 	return false;
 end
