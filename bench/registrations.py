@@ -40,11 +40,9 @@ import datetime as dt
 import gc
 import hashlib
 import json
-import math
 import os
 import platform
 import random
-import shlex
 import sqlite3
 import subprocess
 import sys
@@ -61,6 +59,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from bench._common import (
+    command_line,
+    console_table,
+    markdown_table,
+    percentile,
+    relative,
+    update_docs_section,
+)
 from xmpp_push.core.direct import EnableCommand, registration_request
 from xmpp_push.core.registrations import Registration, RegistrationRequest
 from xmpp_push.storage import migrate as migrations
@@ -277,8 +283,8 @@ class Timing:
             "concurrency": self.concurrency,
             "seconds": round(self.seconds, 3),
             "ops_per_s": round(self.ops / self.seconds, 1),
-            "p50_ms": round(_percentile(ordered, 0.50) * 1000, 3),
-            "p99_ms": round(_percentile(ordered, 0.99) * 1000, 3),
+            "p50_ms": round(percentile(ordered, 0.50) * 1000, 3),
+            "p99_ms": round(percentile(ordered, 0.99) * 1000, 3),
             "max_ms": round(ordered[-1] * 1000, 3),
             "mean_ms": round(sum(ordered) / len(ordered) * 1000, 3),
             "rows": self.rows,
@@ -323,11 +329,6 @@ class GcWatch:
         self.pauses.append(time.perf_counter() - self._began)
         self.collections[info["generation"]] += 1
         self.collected += info["collected"]
-
-
-def _percentile(ordered: Sequence[float], fraction: float) -> float:
-    """Nearest rank: the smallest value with at least `fraction` of them at or below."""
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -934,27 +935,6 @@ def table_rows(results: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def console_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = []
-    for number, row in enumerate(rows):
-        cells = [
-            cell.ljust(width) if column < 2 else cell.rjust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells))
-        if number == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return lines
-
-
-def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(rows[0]) + " |"]
-    lines.append("|" + "|".join("---" if n < 2 else "---:" for n in range(len(rows[0]))) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return lines
-
-
 def summary_lines(results: Mapping[str, Any]) -> list[str]:
     lines = []
     for backend, run in results["backends"].items():
@@ -1088,21 +1068,6 @@ def docs_section(results: Mapping[str, Any]) -> str:
     return "\n".join(body)
 
 
-def update_docs(path: Path, section: str) -> None:
-    """Replace this benchmark's section of `path` (or add it at the end), leaving
-    every other byte of the file as it is: others write the rest of it."""
-    text = path.read_text() if path.is_file() else ""
-    start = text.find(DOCS_START)
-    end = text.find(DOCS_END, start) if start >= 0 else -1
-    if start >= 0 and end >= 0:
-        text = text[:start] + section + text[end + len(DOCS_END) :]
-    elif text:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        text = section + "\n"
-    path.write_text(text)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1169,19 +1134,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _command(argv: Sequence[str]) -> str:
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(REPO)
-    return shlex.join([str(python), "-m", "bench.registrations", *argv])
-
-
-def _relative(path: Path) -> str:
-    with contextlib.suppress(ValueError):
-        return str(path.resolve().relative_to(REPO))
-    return str(path)
-
-
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     owners = args.rows // DEVICES_PER_OWNER
     plan = Plan.fit(owners, args.write_ops, args.lookup_ops)
@@ -1197,7 +1149,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "registrations",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": _command(argv),
+        "command": command_line("bench.registrations", argv),
         "machine": machine(),
         "config": {
             "rows": dataset.rows,
@@ -1224,7 +1176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out: Path = args.out or REPO / "bench" / "results" / f"registrations-{stamp}.json"
     results = asyncio.run(run(args, arguments))
-    results["results_file"] = _relative(out)
+    results["results_file"] = relative(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -1232,13 +1184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(console_table(table_rows(results))))
     print()
     print("\n".join(summary_lines(results)))
-    print(f"\nresults: {_relative(out)} ({results['seconds']} s)")
+    print(f"\nresults: {relative(out)} ({results['seconds']} s)")
     docs = args.docs
     if docs is None and args.rows == DEFAULT_ROWS:
         docs = REPO / "docs" / "performance.md"
     if docs is not None and not args.no_docs:
-        update_docs(docs, docs_section(results))
-        print(f"docs:    {_relative(docs)}")
+        update_docs_section(docs, docs_section(results), DOCS_START, DOCS_END)
+        print(f"docs:    {relative(docs)}")
     return 0
 
 

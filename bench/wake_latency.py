@@ -63,7 +63,6 @@ import math
 import os
 import platform
 import secrets
-import shlex
 import shutil
 import subprocess
 import sys
@@ -78,6 +77,14 @@ from xml.sax.saxutils import quoteattr
 
 from slixmpp.util.sasl.mechanisms import SCRAM
 
+from bench._common import (
+    command_line,
+    console_table,
+    markdown_table,
+    percentile,
+    relative,
+    update_docs_section,
+)
 from bench.apns_recorder import parse_arrival
 from bench.processes import IMPLEMENTATIONS, RunningComponent, child_environment
 from bench.procstat import CpuClock, machine_busy_seconds, wait_for_quiet
@@ -478,11 +485,6 @@ class CaseRecord:
     component_cpu_s: float = 0.0
 
 
-def _percentile(ordered: Sequence[float], fraction: float) -> float:
-    """Nearest rank: the smallest value with at least `fraction` of them at or below."""
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
 def wake_times(
     events: Iterable[Mapping[str, Any]],
 ) -> dict[tuple[str, str, str | None], list[float]]:
@@ -501,8 +503,8 @@ def wake_times(
 def _spread(values: list[float]) -> dict[str, float]:
     values.sort()
     return {
-        "p50": round(_percentile(values, 0.50) * 1000, 2),
-        "p99": round(_percentile(values, 0.99) * 1000, 2),
+        "p50": round(percentile(values, 0.50) * 1000, 2),
+        "p99": round(percentile(values, 0.99) * 1000, 2),
         "max": round(values[-1] * 1000, 2),
     }
 
@@ -606,8 +608,8 @@ def analyse(
     if latencies:
         result.update(
             {
-                "p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),
-                "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
+                "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+                "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
                 "max_ms": round(latencies[-1] * 1000, 2),
                 "min_ms": round(latencies[0] * 1000, 2),
                 "mean_ms": round(sum(latencies) / len(latencies) * 1000, 2),
@@ -1261,27 +1263,6 @@ def target_rows(results: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def console_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = []
-    for number, row in enumerate(rows):
-        cells = [
-            cell.ljust(width) if column < 2 else cell.rjust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).replace("**", "  "))
-        if number == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return lines
-
-
-def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(rows[0]) + " |"]
-    lines.append("|" + "|".join("---" if n < 2 else "---:" for n in range(len(rows[0]))) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return lines
-
-
 def observations(results: Mapping[str, Any]) -> list[str]:
     """What else a reader should know: missing and duplicate pushes, failures, notes."""
     lines = []
@@ -1402,21 +1383,6 @@ def docs_section(results: Mapping[str, Any]) -> str:
         DOCS_END,
     ]
     return "\n".join(body)
-
-
-def update_docs(path: Path, section: str) -> None:
-    """Replace this benchmark's section of `path` (or add it at the end), leaving every
-    other byte of the file as it is: others write the rest of it."""
-    text = path.read_text() if path.is_file() else ""
-    start = text.find(DOCS_START)
-    end = text.find(DOCS_END, start) if start >= 0 else -1
-    if start >= 0 and end >= 0:
-        text = text[:start] + section + text[end + len(DOCS_END) :]
-    elif text:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        text = section + "\n"
-    path.write_text(text)
 
 
 def machine() -> dict[str, Any]:
@@ -1546,25 +1512,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _command(argv: Sequence[str]) -> str:
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(REPO)
-    return shlex.join([str(python), "-m", "bench.wake_latency", *argv])
-
-
-def _relative(path: Path) -> str:
-    with contextlib.suppress(ValueError):
-        return str(path.resolve().relative_to(REPO))
-    return str(path)
-
-
 async def run(args: argparse.Namespace, argv: Sequence[str], work: Path) -> dict[str, Any]:
     began = time.monotonic()
     results: dict[str, Any] = {
         "benchmark": "wake-latency",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": _command(argv),
+        "command": command_line("bench.wake_latency", argv),
         "quick": args.quick,
         "machine": machine(),
         "config": {
@@ -1620,7 +1573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"work directory kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    results["results_file"] = _relative(out)
+    results["results_file"] = relative(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -1635,14 +1588,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("\n".join(results["notes"]))
     print("\n".join(observations(results)))
-    print(f"\nresults: {_relative(out)} ({results['seconds']} s)")
+    print(f"\nresults: {relative(out)} ({results['seconds']} s)")
     docs = args.docs
     full = set(args.servers) == {"prosody", "ejabberd"} and args.cases == list(CASES)
     if docs is None and not args.quick and full:
         docs = REPO / "docs" / "performance.md"
     if docs is not None and not args.no_docs:
-        update_docs(docs, docs_section(results))
-        print(f"updated {_relative(docs)}")
+        update_docs_section(docs, docs_section(results), DOCS_START, DOCS_END)
+        print(f"updated {relative(docs)}")
     failed = any("error" in setup for setup in results["setups"].values())
     return 1 if failed else 0
 
