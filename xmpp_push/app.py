@@ -118,6 +118,8 @@ class Application:
         await self.waker.close()
         abandoned = await self.dispatcher.drain(self.config.policy.drain_timeout)
         await self.component.finish_answers(timeout=2.0)
+        # Again: wakes that finished while draining noted successes still to be written.
+        await self.waker.close()
         await self.component.close()
         for provider in self.providers.values():
             await provider.aclose()
