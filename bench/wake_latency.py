@@ -116,6 +116,8 @@ PROSODY_ACK_DELAY: Final = 30
 """Prosody's defaults (mod_smacks), instead of the test profile's 5 s and 300 s."""
 PROSODY_HIBERNATION: Final = 600
 PROSODY_LOG_LEVEL: Final = "info"
+"""At 200 sessions the test profile's debug log is much of Prosody's work (ejabberd's
+test profile, like production, logs at info)."""
 EJABBERD_ACK_TIMEOUT: Final = 60
 """ejabberd's defaults (mod_stream_mgmt), instead of the test profile's 15 s."""
 EJABBERD_RESUME_TIMEOUT: Final = 300
@@ -182,6 +184,7 @@ def prosody_options(direct: bool) -> ProsodyOptions:
         xmpp_push_plugin=direct,
         smacks_hibernation_time=PROSODY_HIBERNATION,
         smacks_max_ack_delay=PROSODY_ACK_DELAY,
+        log_level=PROSODY_LOG_LEVEL,
     )
 
 
@@ -202,23 +205,6 @@ def server_options(setup: Setup) -> ProsodyOptions | EjabberdOptions:
     if setup.server == "prosody":
         return prosody_options(setup.direct)
     return ejabberd_options(setup.direct)
-
-
-class QuieterProsody(Prosody):
-    """The fixture class with its file log at info instead of debug: at 200 sessions
-    the test profile's debug log is much of Prosody's work (ejabberd's test profile,
-    like production, logs at info). ProsodyOptions has no log level, and a second
-    `log =` line in `extra_global` is refused by Prosody's config loader, so the
-    written file is edited."""
-
-    def _write_config(self) -> None:
-        super()._write_config()
-        text = self.config_path.read_text()
-        debug = '{ levels = { min = "debug" }, to = "file"'
-        if debug not in text:
-            raise ServerError(f"no debug file log to lower in {self.config_path}")
-        info = f'{{ levels = {{ min = "{PROSODY_LOG_LEVEL}" }}, to = "file"'
-        self.config_path.write_text(text.replace(debug, info, 1))
 
 
 def expected_seconds(setup: Setup, case: str) -> float:
@@ -1022,7 +1008,7 @@ def make_server(kind: ServerKind, run_dir: Path, setup: Setup) -> Server:
     if kind == "prosody":
         options = server_options(setup)
         assert isinstance(options, ProsodyOptions)
-        return QuieterProsody(run_dir, options)
+        return Prosody(run_dir, options)
     options_e = server_options(setup)
     assert isinstance(options_e, EjabberdOptions)
     return Ejabberd(run_dir, options_e)

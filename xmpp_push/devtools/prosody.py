@@ -48,6 +48,9 @@ class ProsodyOptions(ServerOptions):
     xmpp_push_plugin_path: str | None = None
     """The directory holding mod_xmpp_push.lua; by default the repository's
     plugins/prosody next to this package (a source checkout)."""
+    log_level: str = "debug"
+    """Lowest level of the file log (prosody.log): debug for tests, which read it when
+    they fail; info where Prosody's own logging would weigh on what is measured."""
 
 
 class Prosody(LoopbackServer[ProsodyOptions]):
@@ -168,7 +171,7 @@ def render_config(
         f"certificates = {_lua(str(run_dir / 'certs'))}",
         f"plugin_paths = {_lua_list(plugin_paths)}",
         "log = {",
-        f'\t{{ levels = {{ min = "debug" }}, to = "file", '
+        f'\t{{ levels = {{ min = {_lua(options.log_level)} }}, to = "file", '
         f"filename = {_lua(str(run_dir / 'prosody.log'))} }};",
         '\t{ levels = { min = "warn" }, to = "console" };',
         "}",
