@@ -60,6 +60,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from bench._common import (
+    REPO,
     command_line,
     console_table,
     markdown_table,
@@ -88,7 +89,6 @@ from xmpp_push.storage.sql import (
 
 T = TypeVar("T")
 
-REPO: Final = Path(__file__).resolve().parents[1]
 DEFAULT_ROWS: Final = 1_000_000
 MIN_ROWS: Final = 4_000
 DEVICES_PER_OWNER: Final = 4

@@ -78,6 +78,7 @@ from xml.sax.saxutils import quoteattr
 from slixmpp.util.sasl.mechanisms import SCRAM
 
 from bench._common import (
+    REPO,
     command_line,
     console_table,
     markdown_table,
@@ -97,7 +98,6 @@ T = TypeVar("T")
 ServerKind = Literal["prosody", "ejabberd"]
 Server = Prosody | Ejabberd
 
-REPO: Final = Path(__file__).resolve().parents[1]
 DOMAIN: Final = "localhost"
 COMPONENT_JID: Final = "push.localhost"
 COMPONENT_SECRET: Final = "wake-latency-secret"

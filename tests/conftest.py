@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.servers import COMPONENT_JID, DOMAIN, USERS, require_server
+from tests.servers import COMPONENT_JID, DOMAIN, require_server, started_with_users
 from tests.servers.ejabberd import Ejabberd, EjabberdOptions
 from xmpp_push.devtools.prosody import Prosody, ProsodyOptions
 
@@ -37,22 +37,13 @@ EJABBERD_PACKAGES = "ejabberd"
 _startup_seconds: dict[str, float] = {}
 
 
-def _start_with_users(server: Prosody | Ejabberd) -> None:
-    server.start()
-    for user, password in USERS.items():
-        server.register(user, password)
-
-
 @contextlib.contextmanager
 def _session_server(server: Prosody | Ejabberd, label: str) -> Iterator[None]:
     """Start `server` with the accounts, note how long that took, stop it after."""
     began = time.monotonic()
-    try:
-        _start_with_users(server)
+    with started_with_users(server):
         _startup_seconds[label] = time.monotonic() - began
         yield
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -80,22 +71,16 @@ def ejabberd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ejabbe
 @pytest.fixture
 def make_prosody(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Prosody]]:
     require_server("prosody", PROSODY_PACKAGES)
-    started: list[Prosody] = []
+    with contextlib.ExitStack() as started:
 
-    def make(options: ProsodyOptions | None = None) -> Prosody:
-        server = Prosody(
-            tmp_path_factory.mktemp("prosody"),
-            options or ProsodyOptions(domain=DOMAIN, component_jid=COMPONENT_JID),
-        )
-        started.append(server)
-        _start_with_users(server)
-        return server
+        def make(options: ProsodyOptions | None = None) -> Prosody:
+            server = Prosody(
+                tmp_path_factory.mktemp("prosody"),
+                options or ProsodyOptions(domain=DOMAIN, component_jid=COMPONENT_JID),
+            )
+            return started.enter_context(started_with_users(server))
 
-    try:
         yield make
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture

@@ -30,7 +30,14 @@ from slixmpp import ComponentXMPP
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from tests.servers import COMPONENT_JID, DOMAIN, USERS, XmppServer, require_server
+from tests.servers import (
+    COMPONENT_JID,
+    DOMAIN,
+    USERS,
+    XmppServer,
+    require_server,
+    started_with_users,
+)
 from tests.servers.ejabberd import Ejabberd, EjabberdOptions
 from xmpp_push.devtools import require_binary
 from xmpp_push.devtools.client import XmppClient
@@ -317,13 +324,8 @@ def prosody_plugin_server(directory: Path) -> Iterator[Prosody]:
             extra_components={OTHER_COMPONENT: OTHER_SECRET},
         ),
     )
-    try:
-        server.start()
-        for user, password in USERS.items():
-            server.register(user, password)
+    with started_with_users(server):
         yield server
-    finally:
-        server.stop()
 
 
 _EJABBERD_LOG_ENTRY = re.compile(r"^(?=\d{4}-\d\d-\d\d )", re.MULTILINE)
@@ -361,10 +363,7 @@ def ejabberd_plugin_server(directory: Path) -> Iterator[Ejabberd]:
             extra_modules="mod_admin_extra: {}",  # ejabberdctl restart_module
         ),
     )
-    try:
-        server.start()
-        for user, password in USERS.items():
-            server.register(user, password)
+    with started_with_users(server):
         yield server
         failures = [
             entry
@@ -372,8 +371,6 @@ def ejabberd_plugin_server(directory: Path) -> Iterator[Ejabberd]:
             if is_ejabberd_plugin_failure(entry)
         ]
         assert not failures, "\n".join(failures)
-    finally:
-        server.stop()
 
 
 def reload_plugin(server: XmppServer) -> None:

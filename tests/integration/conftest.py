@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import COMPONENT_JID, DOMAIN, USERS, require_server
+from tests.servers import COMPONENT_JID, DOMAIN, require_server, started_with_users
 from tests.servers.ejabberd import Ejabberd, EjabberdOptions
 from tests.standins.apns import ApnsStandIn
 from tests.standins.fcm import FcmStandIn
@@ -38,13 +38,8 @@ def ejabberd_delegation_server(tmp_path_factory: pytest.TempPathFactory) -> Iter
             delegation=True,
         ),
     )
-    try:
-        server.start()
-        for user, password in USERS.items():
-            server.register(user, password)
+    with started_with_users(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

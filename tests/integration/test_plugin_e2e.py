@@ -26,7 +26,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from structlog.testing import capture_logs
 
 from tests.rig import component_config, running_component
-from tests.servers import COMPONENT_JID, DOMAIN, USERS, require_server
+from tests.servers import COMPONENT_JID, DOMAIN, USERS, require_server, started_with_users
 from tests.servers.ejabberd import Ejabberd, EjabberdOptions
 from tests.standins.apns import ApnsRequest, ApnsStandIn
 from xmpp_push.app import Application
@@ -62,13 +62,8 @@ def ejabberd_with_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
             extra_components={REMOTE_JID: REMOTE_SECRET},
         ),
     )
-    try:
-        server.start()
-        for user, password in USERS.items():
-            server.register(user, password)
+    with started_with_users(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["prosody", "ejabberd"])

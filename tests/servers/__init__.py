@@ -8,14 +8,23 @@ same accounts (USERS) when started through the fixtures in tests/conftest.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Protocol
+from collections.abc import Iterator
+from typing import Protocol, TypeVar
 
 import pytest
 
 from xmpp_push.devtools import find_binary
 
-__all__ = ["COMPONENT_JID", "DOMAIN", "USERS", "XmppServer", "require_server"]
+__all__ = [
+    "COMPONENT_JID",
+    "DOMAIN",
+    "USERS",
+    "XmppServer",
+    "require_server",
+    "started_with_users",
+]
 
 DOMAIN = "localhost"
 COMPONENT_JID = "push.localhost"
@@ -48,6 +57,27 @@ class XmppServer(Protocol):
     def register(self, user: str, password: str) -> None: ...
     def log_text(self) -> str: ...
     def log_tail(self, lines: int = 40) -> str: ...
+
+
+class _Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def register(self, user: str, password: str) -> None: ...
+
+
+StartableT = TypeVar("StartableT", bound=_Startable)
+
+
+@contextlib.contextmanager
+def started_with_users(server: StartableT) -> Iterator[StartableT]:
+    """Start `server`, register the accounts in USERS, and stop it after."""
+    try:
+        server.start()
+        for user, password in USERS.items():
+            server.register(user, password)
+        yield server
+    finally:
+        server.stop()
 
 
 def require_server(program: str, install_hint: str) -> None:
