@@ -7,6 +7,7 @@ provider, so tests build exactly the pieces they need.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,21 @@ def _announce(config: Config, providers: dict[Service, Provider]) -> None:
             )
 
 
+def freeze_startup_objects() -> None:
+    """Take everything that exists once the application is built (modules, classes,
+    the config, the store's engine: some 100,000 objects) out of the cyclic garbage
+    collector's sight for the life of the process.
+
+    They are never garbage, yet every full collection walked all of them again: under
+    load (a publish allocates a few hundred objects, hundreds are in flight) full
+    collections came often enough to cost a fifth of the CPU of an APNs publish
+    (docs/performance.md, "Garbage collection"). Objects made later are collected as
+    usual; reference counting frees almost all of them anyway."""
+    gc.collect()
+    gc.freeze()
+    log.debug("startup_objects_frozen", count=gc.get_freeze_count())
+
+
 async def run(config: Config) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the link is lost for good (exit 1).
 
@@ -248,6 +264,7 @@ async def run(config: Config) -> int:
     store = await open_configured_store(config)
     app = build_application(config, store, providers)
     _announce(config, app.providers)
+    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
