@@ -253,3 +253,106 @@ async def test_in_flight_publishes_are_answered_wait_at_shutdown(
     assert slow.get("id") == "slow"
     assert error_of(slow)[0] == "wait"
     await component.close()
+
+
+# -- reading the stream ---------------------------------------------------------------
+
+TRICKY_XML = "a > b, &amp;lt;tag/&amp;gt;, \"/>\" and '&lt;/iq>'"
+TRICKY_BODY = "a > b, &lt;tag/&gt;, \"/>\" and '</iq>'"
+
+
+def tricky_publish(iq_id: str) -> str:
+    """A publish whose form holds what a byte scanner could take for markup."""
+    return (
+        f"<iq type='set' id='{iq_id}' from='localhost' to='push.localhost'>"
+        "<pubsub xmlns='http://jabber.org/protocol/pubsub'>"
+        "<publish node='n2'><item><notification xmlns='urn:xmpp:push:0'>"
+        "<x xmlns='jabber:x:data' type='submit'><field var='last-message-body'>"
+        f"<value>{TRICKY_XML}</value>"
+        "</field></x></notification></item></publish>"
+        f"{GOOD_OPTIONS}</pubsub></iq>"
+    )
+
+
+DISCO = (
+    "<iq type='get' id='{id}' from='localhost' to='push.localhost'>"
+    "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+)
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 64, 100_000])
+async def test_stanzas_cut_anywhere_are_each_handled_once_in_order(
+    server: FakeXmppServer, piece: int
+) -> None:
+    recorder = Recorder()
+    component = await connect(server, recorder)
+    from xmpp_push.xmpp.component import _can_peek
+
+    assert _can_peek(component.parser)  # the fast reader runs, not slixmpp's fallback
+    stream = (
+        publish("a")
+        + " \n"  # whitespace keepalive between stanzas
+        + DISCO.format(id="b")
+        + tricky_publish("c")
+        + "<iq type='set' id='d' from='localhost' to='push.localhost'>"
+        "<pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='n3'/></pubsub></iq>"
+        + publish("e", node="n4")
+    ).encode()
+    for start in range(0, len(stream), piece):
+        component.data_received(stream[start : start + piece])
+    answers = {}
+    for _ in range(5):
+        answer = await server.next_stanza()
+        answers[answer.get("id")] = answer.get("type")
+    # Publishes are answered from tasks, disco and errors at once: the order of the
+    # answers is not the order of reading, the order of the requests is.
+    assert answers == {"a": "result", "b": "result", "c": "result", "d": "error", "e": "result"}
+    assert [r.node for r in recorder.requests] == ["n1", "n2", "n4"]
+    assert recorder.requests[1].summary.body == TRICKY_BODY
+    assert len(component.xml_root or ()) == 0  # nothing piles up under the stream's root
+    await component.close()
+
+
+async def test_a_stanza_is_handled_when_its_last_byte_arrives(server: FakeXmppServer) -> None:
+    recorder = Recorder()
+    component = await connect(server, recorder)
+    data = publish("late").encode()
+    component.data_received(data[:-1])
+    await asyncio.sleep(0.05)
+    assert recorder.requests == []
+    component.data_received(data[-1:])
+    assert (await server.next_stanza()).get("id") == "late"
+    await component.close()
+
+
+async def test_end_of_stream_closes_the_link_and_it_comes_back(server: FakeXmppServer) -> None:
+    component = await connect(server, Recorder(), reconnect_max_delay=0.2)
+    # disco is answered as it is read; a publish's answer would find the link gone.
+    component.data_received((DISCO.format(id="last") + "</stream:stream>").encode())
+    assert (await server.next_stanza()).get("id") == "last"
+    await asyncio.wait_for(server.connected.wait(), 5)
+    for _ in range(100):
+        if server.handshakes == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert server.handshakes == 2
+    await component.close()
+
+
+async def test_bytes_that_are_not_xml_get_a_stream_error_after_the_good_stanzas(
+    server: FakeXmppServer,
+) -> None:
+    component = await connect(server, Recorder(), reconnect_max_delay=0.2)
+    component.data_received((DISCO.format(id="fine") + "<iq id='x'><</iq>").encode())
+    assert (await server.next_stanza()).get("id") == "fine"
+    error = await server.next_stanza()
+    assert error.tag == "{http://etherx.jabber.org/streams}error"
+    assert error.find("{urn:ietf:params:xml:ns:xmpp-streams}not-well-formed") is not None
+    for _ in range(100):
+        if server.handshakes == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert server.handshakes == 2  # a new stream, a new parser
+    server.send(publish("again"))
+    assert (await server.next_stanza()).get("id") == "again"
+    await component.close()
