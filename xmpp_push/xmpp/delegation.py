@@ -116,7 +116,7 @@ class DelegationHandler:
             wrapper = message.find(f"{{{delegation}}}delegation")
             if wrapper is None:
                 continue
-            for delegated in wrapper.iterfind(f"{{{delegation}}}delegated"):
+            for delegated in wrapper.findall(f"{{{delegation}}}delegated"):
                 namespace = delegated.get("namespace")
                 if server.lower() not in self._allowed_domains:
                     log.warning(

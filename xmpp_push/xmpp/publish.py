@@ -105,11 +105,13 @@ def _read_form(form: Element, budget: _TextBudget, what: str, form_type: str) ->
     if form.get("type", "form") not in _FORM_TYPES:
         raise _bad_request(f"the {what} form has type {form.get('type')!r}", "invalid-payload")
     values: dict[str, str] = {}
-    for field in form.iterfind(f"{{{NS_DATA}}}field"):
+    # findall, not iterfind: for a plain tag findall runs in C, iterfind goes through
+    # ElementPath in Python (a measurable share of a publish's CPU).
+    for field in form.findall(f"{{{NS_DATA}}}field"):
         var = field.get("var")
         if not var:
             raise _bad_request(f"a {what} field has no var", "invalid-payload")
-        texts = [value.text or "" for value in field.iterfind(f"{{{NS_DATA}}}value")]
+        texts = [value.text or "" for value in field.findall(f"{{{NS_DATA}}}value")]
         if len(texts) > 1:
             raise _bad_request(
                 f"the {what} field {var!r} has more than one value", "invalid-payload"

@@ -194,11 +194,11 @@ def read_publish_options(form: Element) -> dict[str, str]:
         raise bad_request("publish-options: the form must be of type 'submit'")
     values: dict[str, str] = {}
     spent = 0
-    for item in form.iterfind(f"{{{NS_DATA}}}field"):
+    for item in form.findall(f"{{{NS_DATA}}}field"):
         var = item.get("var")
         if not var:
             raise bad_request("publish-options: a field has no var")
-        texts = [value.text or "" for value in item.iterfind(f"{{{NS_DATA}}}value")]
+        texts = [value.text or "" for value in item.findall(f"{{{NS_DATA}}}value")]
         if len(texts) != 1:
             raise bad_request(f"publish-options: field {var!r} must have exactly one value")
         if var in values:
