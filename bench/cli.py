@@ -8,8 +8,11 @@ The plan of a default run (each scenario in a fresh component process):
    its own connection of the one component JID, → APNs at the maximum rate, against
    step 1's single process;
 4. baseline → APNs and → FCM at the maximum rate;
-5. each sink's own ceiling, loaded straight by the project's provider client;
-6. py-spy profiles of the project during two more max-rate runs (not in the figures).
+5. direct mode: the server plugin's notifies for users among `--direct-rows` (1,000,000)
+   registrations, in SQLite and in PostgreSQL, → APNs at the maximum rate, pushes
+   counted at the sink (bench.direct), against step 1's APNs run;
+6. each sink's own ceiling, loaded straight by the project's provider client;
+7. py-spy profiles of the project during two more max-rate runs (not in the figures).
 
 `--soak SECONDS` instead runs the project → APNs paced for that long, sampling RSS.
 """
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import resource
@@ -34,6 +38,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench import report
+from bench.direct import (
+    BACKENDS,
+    DEFAULT_ROWS,
+    PLUGIN_SERVER,
+    QUICK_ROWS,
+    DirectWorkload,
+    RequestLog,
+    deliver,
+    direct_database_url,
+)
 from bench.processes import (
     IMPLEMENTATIONS,
     POSTGRESQL_URL,
@@ -56,7 +70,8 @@ __all__ = ["main"]
 
 SERVICES: Final = ("apns", "fcm")
 WORKLOADS: dict[str, Callable[[TokenSet], Workload]] = {"appserver": AppServerWorkload}
-"""Workload kinds by component mode; direct mode plugs in here (see bench.workload)."""
+"""Publish workloads by `--mode`. Direct mode's (bench.direct) is a scenario of its own
+(`--no-direct`), since its figure is taken at the sink, not from the answers."""
 
 TARGET_RATE: Final = 5_000.0
 TARGET_RATIO: Final = 5.0
@@ -156,7 +171,7 @@ async def _least_disturbed(
 async def _run_once(bench: Bench, scenario: Scenario) -> dict[str, Any]:
     args = bench.args
     workload = bench.workload(scenario.service)
-    workload.prepare(bench.directory)
+    await workload.prepare(bench.directory)
     extra = workload.config_sections()
     if scenario.implementation == "project":
         for section, values in args.overrides.items():
@@ -393,7 +408,7 @@ async def scale_out(bench: Bench, single: Mapping[str, Any]) -> dict[str, Any] |
         "project", "apns", "scaleout", args.publishes, args.window, processes=args.processes
     )
     workload = bench.workload(scenario.service)
-    workload.prepare(bench.directory)
+    await workload.prepare(bench.directory)
     extra = workload.config_sections()
     for section, values in args.overrides.items():
         extra.setdefault(section, {}).update(values)
@@ -559,6 +574,231 @@ def _safe_url(url: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Direct mode
+
+DIRECT_COUNTED: Final = (
+    "each push is matched to its notify by the device token in its path; pushes/s = "
+    "pushes / (first notify sent → last push at the sink); latency = notify handed to the "
+    "socket → push answered by the sink (this machine's wall clock, in 1 ms steps); "
+    "the window counts the notifies whose push has not reached the sink yet"
+)
+
+
+async def direct_mode(bench: Bench, single: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The component in direct mode on each of `--direct-backends` with `--direct-rows`
+    registrations, at the maximum rate to APNs (bench.direct); against `single`, this
+    invocation's app-server APNs max-rate run. None when no backend could run (notes
+    say why)."""
+    args = bench.args
+    sink = bench.sinks["apns"]
+    if sink.request_log is None:
+        bench.notes.append(
+            "direct mode skipped: it counts pushes in the nginx APNs sink's request log, "
+            "and this APNs sink is the Python stand-in"
+        )
+        return None
+    runs: list[dict[str, Any]] = []
+    workload: DirectWorkload | None = None
+    for backend in args.direct_backends:
+        if backend == "sqlite":
+            database = args.direct_cache / f"registrations-{args.direct_rows}.db"
+            url = f"sqlite+aiosqlite:///{database}"
+        else:
+            url = direct_database_url(args.postgresql_url, args.direct_rows)
+        workload = DirectWorkload(
+            backend,
+            url,
+            rows=args.direct_rows,
+            notifies=args.warmup + args.publishes,
+            cache=args.direct_cache,
+        )
+        label = f"project-direct-{backend}"
+        bench.log(f"{label}: {args.direct_rows:,} registrations in {_safe_url(url)}")
+        try:
+            await workload.prepare(bench.directory)
+        except DatabaseUnavailable as exc:
+            bench.log(f"{label}: skipped: {exc}")
+            bench.notes.append(f"direct mode on {backend} skipped: {exc}")
+            continue
+        loading = workload.loading
+        if loading["reloaded"]:
+            bench.log(f"  loaded in {loading['seconds']:.1f} s (kept for the next run)")
+        else:
+            bench.log("  loaded before (the marker and the row count match)")
+        extra = workload.config_sections()
+        for name, values in args.overrides.items():
+            extra.setdefault(name, {}).update(values)
+        config = write_config(
+            bench.directory / f"{label}.toml",
+            port=bench.server.port,
+            sinks=bench.sinks,
+            extra=extra,
+        )
+        record = await _least_disturbed(
+            bench, label, functools.partial(_direct_once, bench, workload, config, label)
+        )
+        record["storage"] = _safe_url(url)
+        record["registrations"] = loading
+        if single is not None:
+            record["ratio"] = record["pushes_per_s"] / max(single["publishes_per_s"], 1e-9)
+            record["cpu_ratio"] = record["component"]["cpu_us_per_push"] / max(
+                single["component"]["cpu_us_per_publish"], 1e-9
+            )
+            bench.log(
+                f"  {record['ratio']:.2f}× app-server mode's APNs rate "
+                f"({single['publishes_per_s']:,.0f} publishes/s), "
+                f"{record['cpu_ratio']:.2f}× its CPU per publish"
+            )
+        runs.append(record)
+    if not runs or workload is None:
+        return None
+    section: dict[str, Any] = {
+        "rows": args.direct_rows,
+        "notifies": args.publishes,
+        "warmup": args.warmup,
+        "window": args.window,
+        "counted": DIRECT_COUNTED,
+        "coalescing": "policy.coalesce_window at its default (2 s); each user is notified "
+        "once per component process, so no two notifies merge",
+        "workload": workload.describe(),
+        "runs": runs,
+        "noisy_cores": NOISY_CORES,
+    }
+    if single is not None:
+        section["appserver"] = {
+            key: single[key]
+            for key in ("label", "publishes_per_s", "latency_ms", "component", "window", "answered")
+        }
+        section["appserver"]["other_cores"] = single.get("machine", {}).get("other_cores")
+    return section
+
+
+async def _direct_once(
+    bench: Bench, workload: DirectWorkload, config: Path, label: str
+) -> dict[str, Any]:
+    args = bench.args
+    sink = bench.sinks["apns"]
+    assert sink.request_log is not None
+    component = RunningComponent(
+        IMPLEMENTATIONS["project"], config, bench.directory / f"{label}.log"
+    )
+    waited = await _quiet(bench)
+    bench.log(
+        f"{label}: {args.publishes:,} notifies, at most {args.window} not yet pushed at a time"
+    )
+    log = RequestLog(sink.request_log)
+    bench.server.plugin = PLUGIN_SERVER
+    try:
+        await component.start()
+        link = await _connect(bench, component)
+        try:
+            await asyncio.wait_for(asyncio.shield(link.configured), 15)
+        except TimeoutError:
+            raise ScenarioFailed(f"no configure within 15 s:\n{component.log_tail()}") from None
+        _, warmup = await deliver(
+            link,
+            workload,
+            log,
+            label="warmup",
+            start=0,
+            count=args.warmup,
+            window=args.window,
+            stall_timeout=args.stall_timeout,
+        )
+        if warmup.pushes < args.warmup:
+            raise ScenarioFailed(
+                f"warm-up: {args.warmup - warmup.pushes} notifies not pushed\n"
+                + component.log_tail()
+            )
+        backends = await database_backends(workload.url) if workload.backend != "sqlite" else []
+        component_clock = CpuClock([component.pid])
+        sink_clock = sink.cpu_clock()
+        database_clock = CpuClock(backends)
+        harness_cpu = _rusage_cpu()
+        machine_busy = machine_busy_seconds()
+        for clock in (component_clock, sink_clock, database_clock):
+            clock.start()
+        result, delivery = await deliver(
+            link,
+            workload,
+            log,
+            label=label,
+            start=args.warmup,
+            count=args.publishes,
+            window=args.window,
+            stall_timeout=args.stall_timeout,
+        )
+        for clock in (component_clock, sink_clock, database_clock):
+            clock.stop()
+        machine_busy = machine_busy_seconds() - machine_busy
+        harness_cpu = _rusage_cpu() - harness_cpu
+        peak_kib = component.peak_rss_kib()
+        configures = link.plugin_configures
+    finally:
+        bench.server.plugin = None
+        log.close()
+        await component.stop()
+    pushes = max(delivery.pushes, 1)
+    refused = result.answered - result.results
+    wall = max(component_clock.wall, 1e-9)
+    record: dict[str, Any] = {
+        "label": label,
+        "backend": workload.backend,
+        "rows": workload.dataset.rows,
+        "window": args.window,
+        "requested": result.requested,
+        "sent": result.sent,
+        "answered": result.answered,
+        "unanswered": result.unanswered,
+        "results": result.results,
+        "errors": result.errors,
+        "unexpected": result.unexpected,
+        "pushes": delivery.pushes,
+        "undelivered": result.sent - refused - delivery.pushes,
+        "unexpected_pushes": delivery.unexpected,
+        "stalled": delivery.stalled,
+        "seconds": round(delivery.seconds, 3),
+        "pushes_per_s": delivery.rate,
+        "latency_ms": delivery.latency_ms(),
+        "answer_latency_ms": result.percentiles_ms(50, 99),
+        "pushes_per_second": delivery.timeline,
+        "plugin_configures_answered": configures,
+        "component": {
+            "peak_rss_mib": peak_kib / 1024,
+            "cpu_cores": component_clock.cores,
+            "cpu_us_per_push": 1e6 * component_clock.cpu / pushes,
+        },
+        "sink": {
+            "cpu_cores": sink_clock.cores,
+            "cpu_us_per_request": 1e6 * sink_clock.cpu / pushes,
+        },
+        "database": {"backends": len(backends), "cpu_cores": database_clock.cores},
+        "harness": {"cpu_cores": harness_cpu / wall},
+        "exit_code": component.exit_code,
+    }
+    ours = component_clock.cpu + sink_clock.cpu + database_clock.cpu + harness_cpu
+    record["machine"] = {
+        "busy_cores": machine_busy / wall,
+        "other_cores": max(0.0, machine_busy - ours) / wall,
+        "waited_for_quiet_s": round(waited, 1),
+    }
+    latency = record["latency_ms"]
+    bench.log(
+        f"  {record['pushes_per_s']:,.0f} pushes/s at the sink, notify → push p50 "
+        f"{latency['p50']:.0f} ms, p99 {latency['p99']:.0f} ms, "
+        f"peak RSS {record['component']['peak_rss_mib']:.1f} MiB, "
+        f"CPU {component_clock.cores:.2f} cores "
+        f"({record['component']['cpu_us_per_push']:,.0f} µs/push)"
+        + (f", {record['undelivered']} NOT PUSHED" if record["undelivered"] else "")
+        + (f", errors {result.errors}" if result.errors else "")
+    )
+    other = record["machine"]["other_cores"]
+    if other > NOISY_CORES:
+        bench.log(f"  WARNING: other processes used {other:.2f} cores during this run")
+    return record
+
+
+# --------------------------------------------------------------------------------------
 # Plans
 
 
@@ -603,6 +843,10 @@ async def benchmark(bench: Bench) -> dict[str, Any]:
             )
             runs.append(record)
             baseline[service] = record["publishes_per_s"]
+    direct: dict[str, Any] | None = None
+    if args.direct:
+        single = next((r for r in runs if r["service"] == "apns" and r["mode"] == "window"), None)
+        direct = await direct_mode(bench, single)
     sinks: dict[str, dict[str, Any]] = {}
     for service in services:
         sinks[service] = bench.sinks[service].describe()
@@ -638,6 +882,8 @@ async def benchmark(bench: Bench) -> dict[str, Any]:
     }
     if scaled is not None:
         results["scale_out"] = scaled
+    if direct is not None:
+        results["direct"] = direct
     return results
 
 
@@ -818,6 +1064,30 @@ def _parser() -> argparse.ArgumentParser:
         f"`xmpp-push db upgrade` ({POSTGRESQL_URL})",
     )
     parser.add_argument(
+        "--no-direct",
+        dest="direct",
+        action="store_false",
+        help="skip direct mode (the server plugin's notifies → lookups → pushes)",
+    )
+    parser.add_argument(
+        "--direct-rows",
+        type=int,
+        help=f"registrations loaded for direct mode ({DEFAULT_ROWS:,}; quick {QUICK_ROWS:,})",
+    )
+    parser.add_argument(
+        "--direct-backends",
+        default=",".join(BACKENDS),
+        help="comma-separated stores for direct mode: sqlite,postgresql (PostgreSQL: "
+        "--postgresql-url's server, database <name>_direct, created if missing)",
+    )
+    parser.add_argument(
+        "--direct-cache",
+        type=Path,
+        default=REPO / "bench" / "results" / "direct-cache",
+        help="where direct mode keeps its loaded SQLite databases between runs "
+        "(bench/results/direct-cache)",
+    )
+    parser.add_argument(
         "--ceiling-clients", type=int, default=2, help="client processes loading a sink (2)"
     )
     parser.add_argument("--ceiling-requests", type=int, help="per client (default 15,000)")
@@ -911,6 +1181,13 @@ def _settle(args: argparse.Namespace) -> None:
             raise SystemExit(f"unknown service {service!r}")
     if args.processes < 1:
         raise SystemExit("--processes wants at least 1")
+    args.direct_backends = [b.strip() for b in args.direct_backends.split(",") if b.strip()]
+    for backend in args.direct_backends:
+        if backend not in BACKENDS:
+            raise SystemExit(f"unknown direct-mode store {backend!r}")
+    if args.direct_rows is None:
+        args.direct_rows = QUICK_ROWS if quick else DEFAULT_ROWS
+    args.direct_cache = args.direct_cache.resolve()
     if args.publishes is None:
         args.publishes = 5_000 if quick else 50_000
     if args.warmup is None:
@@ -929,6 +1206,11 @@ def _settle(args: argparse.Namespace) -> None:
         args.profile_publishes = 20_000
     if args.write_docs is None:
         args.write_docs = not quick or args.docs is not None
+    if args.direct and args.soak is None and args.warmup + args.publishes > args.direct_rows:
+        raise SystemExit(
+            f"direct mode notifies each user once: --direct-rows {args.direct_rows:,} is "
+            f"fewer than the {args.warmup + args.publishes:,} warm-up and measured notifies"
+        )
     if args.docs is None:
         args.docs = REPO / "docs" / "performance.md"
 
@@ -1015,6 +1297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unanswered = sum(run["unanswered"] for run in results.get("runs", []))
     if "scale_out" in results:
         unanswered += results["scale_out"]["unanswered"]
+    for run in results.get("direct", {}).get("runs", []):
+        unanswered += run["unanswered"] + run["undelivered"]
     if "soak" in results:
         unanswered += results["soak"]["run"]["unanswered"]
     return 1 if unanswered else 0

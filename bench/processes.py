@@ -69,6 +69,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
@@ -83,8 +85,8 @@ def write_config(
     """An xmpp-push.toml for a server on `port` and the given sinks; quiet logs.
 
     The registration database is a fresh SQLite file beside the config (never the
-    default ./xmpp-push.db of whoever runs the benchmark); a direct-mode workload
-    seeds it in `prepare` or names another through `config_sections`.
+    default ./xmpp-push.db of whoever runs the benchmark); the direct-mode workload
+    (bench.direct) names its loaded database through `config_sections` instead.
     """
     sections: dict[str, dict[str, object]] = {
         "component": {

@@ -16,6 +16,7 @@ from typing import Any, Final
 from bench.sinks import nginx_version
 
 __all__ = [
+    "direct_block",
     "machine",
     "render_console",
     "scale_out_block",
@@ -283,6 +284,124 @@ def scale_out_summary(scaled: Mapping[str, Any]) -> str:
     )
 
 
+_BACKEND_NAMES: Final = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def direct_table(direct: Mapping[str, Any]) -> list[str]:
+    """App-server mode's APNs max-rate run of the same invocation, then direct mode on
+    each store."""
+    lines = [
+        "| run | registrations | IQs sent | pushes at the sink | pushes/s | × app-server "
+        "| latency p50 ms | p99 ms | p99.9 ms | peak RSS MiB | CPU cores | CPU µs/push "
+        "| database cores | sink cores | other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    appserver = direct.get("appserver")
+    if appserver:
+        latency = appserver["latency_ms"]
+        component = appserver["component"]
+        lines.append(
+            f"| app-server mode → APNs (window {appserver['window']}): publish → answer "
+            f"| – | {appserver['answered']:,} | {appserver['answered']:,} "
+            f"| {_number(appserver['publishes_per_s'])} | 1 | {_number(latency['p50'], 1)} "
+            f"| {_number(latency['p99'], 1)} | {_number(latency['p99_9'], 1)} "
+            f"| {_number(component['peak_rss_mib'], 1)} | {_number(component['cpu_cores'], 2)} "
+            f"| {_number(component['cpu_us_per_publish'])} | – | – "
+            f"| {_number(appserver.get('other_cores'), 2)} |"
+        )
+    for run in direct["runs"]:
+        latency = run["latency_ms"]
+        component = run["component"]
+        title = f"direct mode, {_BACKEND_NAMES.get(run['backend'], run['backend'])}: notify → push"
+        if run.get("attempts", 1) > 1:
+            title += f", least disturbed of {run['attempts']} runs"
+        pushes = f"{run['pushes']:,}"
+        if run["undelivered"]:
+            pushes += f" (**{run['undelivered']:,} not pushed**)"
+        for key, count in sorted(run["errors"].items()):
+            pushes += f", {count:,} refused {key}"
+        ratio = run.get("ratio")
+        lines.append(
+            f"| {title} | {run['rows']:,} | {run['sent']:,} | {pushes} "
+            f"| **{_number(run['pushes_per_s'])}** "
+            f"| {f'{ratio:.2f}' if ratio is not None else '–'} "
+            f"| {_number(latency['p50'], 0)} | {_number(latency['p99'], 0)} "
+            f"| {_number(latency['p99_9'], 0)} | {_number(component['peak_rss_mib'], 1)} "
+            f"| {_number(component['cpu_cores'], 2)} | {_number(component['cpu_us_per_push'])} "
+            f"| {_number(run['database']['cpu_cores'], 2) if run['database']['backends'] else '–'} "
+            f"| {_number(run['sink']['cpu_cores'], 3)} "
+            f"| {_number(run.get('machine', {}).get('other_cores'), 2)} |"
+        )
+    return lines
+
+
+def direct_summary(direct: Mapping[str, Any]) -> list[str]:
+    """One line per store: the rate, its ratio to app-server mode, the CPU per push."""
+    appserver = direct.get("appserver")
+    lines = []
+    for run in direct["runs"]:
+        name = _BACKEND_NAMES.get(run["backend"], run["backend"])
+        line = (
+            f"{name}, {run['rows']:,} registrations: {run['pushes_per_s']:,.0f} pushes/s, "
+            f"{run['component']['cpu_us_per_push']:,.0f} µs of component CPU per push"
+        )
+        if appserver and run.get("ratio") is not None:
+            line += (
+                f"; **{run['ratio']:.2f}×** app-server mode's "
+                f"{appserver['publishes_per_s']:,.0f} publishes/s and "
+                f"{run['cpu_ratio']:.2f}× its "
+                f"{appserver['component']['cpu_us_per_publish']:,.0f} µs per publish"
+            )
+        loading = run.get("registrations", {})
+        if loading.get("reloaded"):
+            line += f" (registrations loaded in {loading['seconds']:,.1f} s before the run)"
+        lines.append(line)
+    return lines
+
+
+def direct_block(results: Mapping[str, Any]) -> str:
+    direct = results["direct"]
+    workload = direct["workload"]
+    body = [
+        "## Direct mode: notifies → lookups → APNs",
+        "",
+        f"Measured {results['date']} with `{results['command']}` "
+        f"(results file `{results['results_file']}`), after that invocation's app-server "
+        "runs (the first row: its project → APNs max-rate run).",
+        "",
+        "The harness plays the XMPP server with the server plugin in it "
+        "(docs/plugin-protocol.md): it answers the component's `configure` as "
+        "plugins/prosody/mod_xmpp_push.lua does, then sends `notify` IQs in the shape "
+        "Prosody 0.12.3 with that plugin wrote them (`state='offline'`, a chat message, "
+        f"sender shown, no body), each for another of {direct['rows']:,} users "
+        f"`user<i>@{workload['server_domain']}`, who have one registration each (an APNs "
+        "device) in the component's store: SQLite, or PostgreSQL on this machine. "
+        "Every notify is a store lookup (no user is notified twice by one process, so "
+        "coalescing never merges two, and PostgreSQL's per-user cache never hits) and "
+        "one push. The component answers a notify before it pushes, so the figures are "
+        "taken at the APNs sink, which logs each direct-mode push with nginx's `$msec`: "
+        f"{direct['counted']}. The window is the app-server runs' ({direct['window']}), "
+        f"counted to the push instead of the answer; {direct['notifies']:,} notifies "
+        f"measured after {direct['warmup']:,} warm-up ones. CPU µs/push is the "
+        "component's CPU over the run per push, answering the notify included; database "
+        "cores are the PostgreSQL server processes serving it.",
+        "",
+        *direct_table(direct),
+        "",
+        *(f"* {line}." for line in direct_summary(direct)),
+    ]
+    others = [run.get("machine", {}).get("other_cores") for run in direct["runs"]]
+    if direct.get("appserver"):
+        others.append(direct["appserver"].get("other_cores"))
+    noisy = max((float(other) for other in others if other is not None), default=0.0)
+    if noisy > direct.get("noisy_cores", 0.3):
+        body.append(
+            f"* **Disturbed**: other processes used up to {noisy:.2f} cores during these "
+            "runs (the `other load` column); measure again on an idle machine."
+        )
+    return _block("direct", body)
+
+
 def soak_lines(soak: Mapping[str, Any]) -> list[str]:
     rss = soak["rss"]
     run = soak["run"]
@@ -328,6 +447,9 @@ def render_console(results: Mapping[str, Any]) -> str:
     if results.get("scale_out"):
         lines += ["", *scale_out_table(results["scale_out"]), ""]
         lines.append(scale_out_summary(results["scale_out"]).replace("**", ""))
+    if results.get("direct"):
+        lines += ["", *direct_table(results["direct"]), ""]
+        lines += [line.replace("**", "") for line in direct_summary(results["direct"])]
     if results.get("sinks"):
         lines += ["", *sinks_table(results["sinks"])]
     if results.get("targets"):
@@ -345,16 +467,16 @@ _INTRO: Final = """\
 # Performance
 
 <!-- Written by bench/report.py: `bench/run` replaces this intro, the results
-     block and the scale-out block, `bench/run --soak 600` the soak block; everything
-     else in this file (the findings, bench/registrations.py's section) is left as
-     it is. -->
+     block, the scale-out block and the direct-mode block, `bench/run --soak 600` the
+     soak block; everything else in this file (the findings, bench/registrations.py's
+     section) is left as it is. -->
 
 How fast xmpp-push answers XEP-0357 publishes and delivers them, next to the
 straightforward implementation (slixmpp `ComponentXMPP` + `xep_0060` + `iq.reply()` +
 aioapns / aiohttp, in `bench/baseline.py`), on one machine. Run it with
 
 ```sh
-bench/run                # full run: ~4 minutes on an idle machine (installs nginx, the bench extra)
+bench/run                # full run: ~6 minutes on an idle machine (installs nginx, the bench extra)
 bench/run --quick        # 5,000 publishes per scenario, no profiles, ~1 minute
 bench/run --soak 600     # 10 minutes at half the maximum rate, RSS sampled every 5 s
 ```
@@ -526,9 +648,9 @@ def update_docs(
     path: Path, results: Mapping[str, Any] | None, soak: Mapping[str, Any] | None
 ) -> None:
     """Replace this benchmark's blocks of `path` (the intro, and the results with the
-    scale-out, or the soak, when given), adding any that are missing; every other byte
-    stays as it is, since others write parts of the file too (bench/registrations.py,
-    the findings)."""
+    scale-out and direct mode, or the soak, when given), adding any that are missing;
+    every other byte stays as it is, since others write parts of the file too
+    (bench/registrations.py, the findings)."""
     text = path.read_text() if path.is_file() else ""
     if not text.strip():
         text = "\n\n".join(
@@ -545,6 +667,9 @@ def update_docs(
         text = _replace_block(text, "results", results_block(results))
         if results.get("scale_out"):
             text = _replace_block(text, "scaleout", scale_out_block(results), after="results")
+        if results.get("direct"):
+            after = "scaleout" if _existing_block(text, "scaleout") is not None else "results"
+            text = _replace_block(text, "direct", direct_block(results), after=after)
     if soak:
         text = _replace_block(text, "soak", _block("soak", ["## Soak", "", *soak_lines(soak)]))
     path.write_text(text.rstrip("\n") + "\n")

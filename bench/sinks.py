@@ -7,7 +7,10 @@ one worker, on loopback with a certificate from `tests.standins.tlsca`:
   over TLS only when ALPN picks `h2`, and aioapns (the baseline) offers no ALPN at all,
   so TLS ends in nginx's stream module (`ssl_alpn h2` for clients that ask; prior
   knowledge for those that don't) and the bytes go on to an HTTP/2 (h2c) listener of
-  the same nginx. Both clients take exactly this path.
+  the same nginx. Both clients take exactly this path. Requests for
+  `LOGGED_APNS_TOPIC` (direct mode's registrations) are logged to `requests.log`,
+  `$msec $uri` each, unbuffered, so that the harness sees every push as it arrives
+  (`Sink.request_log`); the app-server runs' requests are not, and pay nothing for it.
 * FCM: HTTP/1.1 over TLS (the aiohttp clients speak nothing else), a fixed OAuth token
   at `/token` and a fixed `{"name": …}` for `messages:send`.
 
@@ -51,6 +54,9 @@ __all__ = [
 NGINX_STREAM_MODULE: Final = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 PROJECT_ID: Final = "xmpp-push-bench"
 APNS_TOPIC: Final = "org.example.bench"
+LOGGED_APNS_TOPIC: Final = "org.bench.messenger"
+"""The topic of the registrations bench.registrations loads (bench.direct's pushes):
+the APNs sink logs the requests for it, and only those."""
 _ACCESS_TOKEN: Final = "ya29.bench-sink-" + "x" * 40
 _REPO: Final = Path(__file__).resolve().parent.parent
 
@@ -72,6 +78,8 @@ class Sink:
     fcm_service_account_file: Path | None = None
     accepts_without_alpn: bool = False
     """Whether a TLS client that offers no ALPN still gets HTTP/2 (aioapns needs it)."""
+    request_log: Path | None = None
+    """APNs nginx sink: one line per request for LOGGED_APNS_TOPIC, `<$msec> <path>`."""
     notes: list[str] = field(default_factory=list)
     _log: IO[bytes] | None = None
 
@@ -196,9 +204,11 @@ stream {{
 }}
 http {{
 {http_common}
+{request_log}
   server {{
     listen 127.0.0.1:{h2c_port} http2;
     http2_max_concurrent_streams 1000;
+    access_log {request_log_file} push if=$logged_push;
     location / {{
       add_header apns-id $http_apns_id always;
       return 200;
@@ -211,11 +221,13 @@ _APNS_CONFIG_ALPN_ONLY: Final = """\
 {common}
 http {{
 {http_common}
+{request_log}
   server {{
     listen 127.0.0.1:{port} ssl http2;
     ssl_certificate {cert};
     ssl_certificate_key {key};
     http2_max_concurrent_streams 1000;
+    access_log {request_log_file} push if=$logged_push;
     location / {{
       add_header apns-id $http_apns_id always;
       return 200;
@@ -223,6 +235,14 @@ http {{
   }}
 }}
 """
+
+_APNS_REQUEST_LOG: Final = """\
+  # Direct mode's pushes only (their registrations' topic), each as it is answered.
+  map $http_apns_topic $logged_push {{
+    {topic} 1;
+    default 0;
+  }}
+  log_format push '$msec $uri';"""
 
 _FCM_CONFIG: Final = """\
 {common}
@@ -306,11 +326,14 @@ def _start_nginx(service: str, directory: Path) -> Sink:
     notes: list[str] = []
     without_alpn = False
     if service == "apns":
+        request_log = _APNS_REQUEST_LOG.format(topic=LOGGED_APNS_TOPIC)
         load_stream = _stream_module_line()
         if load_stream is None:
             config = _APNS_CONFIG_ALPN_ONLY.format(
                 common=common,
                 http_common=http_common,
+                request_log=request_log,
+                request_log_file=directory / "requests.log",
                 port=port,
                 cert=certificate.cert_file,
                 key=certificate.key_file,
@@ -325,6 +348,8 @@ def _start_nginx(service: str, directory: Path) -> Sink:
                 load_stream=load_stream,
                 common=common,
                 http_common=http_common,
+                request_log=request_log,
+                request_log_file=directory / "requests.log",
                 port=port,
                 h2c_port=_free_port(),
                 cert=certificate.cert_file,
@@ -375,6 +400,7 @@ def _start_nginx(service: str, directory: Path) -> Sink:
         sink.stop()
         raise
     if service == "apns":
+        sink.request_log = directory / "requests.log"
         sink.apns_key_id = _random_id()
         sink.apns_team_id = _random_id()
         sink.apns_key_file = _write_apns_key(directory, sink.apns_key_id)

@@ -12,11 +12,12 @@ Mix, by publish index: 5 in 10 Prosody (offline message, "New Message!"), 4 in 1
 ejabberd with its summary form, 1 in 10 ejabberd body-less (a chat state to a pending
 session: `<notification/>` with no form, which becomes a silent push).
 
-Extension point (direct mode, later): a `Workload` decides what the component needs
-besides the sinks (`config_sections`, e.g. a `[storage]` URL), what must exist before
-the run (`prepare`, e.g. seeding that database with one registration per token) and
-each stanza (`stanza`). A direct-mode workload would publish only `node` (+ a secret),
-so the component has to look the device up; plug it in `bench.cli.WORKLOADS`.
+Extension point: a `Workload` decides what the component needs besides the sinks
+(`config_sections`, e.g. a `[storage]` URL), what must exist before the run
+(`prepare`, e.g. a database of registrations) and each stanza (`stanza`). Direct mode
+is one (`bench.direct.DirectWorkload`: the server plugin's `notify` IQs for users of
+1,000,000 loaded registrations); it runs as a scenario of its own, since its figure is
+taken at the sink. Publish workloads plug in `bench.cli.WORKLOADS` (`--mode`).
 """
 
 from __future__ import annotations
@@ -151,19 +152,19 @@ class Workload(Protocol):
 
     name: str
     mode: str
-    """"appserver" today; "direct" once the component owns registrations."""
+    """"appserver" (publishes) or "direct" (the server plugin's notifies)."""
     service: str
 
     def config_sections(self) -> dict[str, dict[str, object]]:
         """Extra TOML sections for the component's config (none in app-server mode)."""
         ...
 
-    def prepare(self, directory: Path) -> None:
+    async def prepare(self, directory: Path) -> None:
         """Make whatever the component must find at start (nothing in app-server mode)."""
         ...
 
     def stanza(self, index: int) -> tuple[str, bytes]:
-        """The IQ id and the bytes of publish number `index`."""
+        """The IQ id and the bytes of stanza number `index`."""
         ...
 
     def describe(self) -> dict[str, object]:
@@ -187,7 +188,7 @@ class AppServerWorkload:
     def config_sections(self) -> dict[str, dict[str, object]]:
         return {}
 
-    def prepare(self, directory: Path) -> None:
+    async def prepare(self, directory: Path) -> None:
         return None
 
     def stanza(self, index: int) -> tuple[str, bytes]:

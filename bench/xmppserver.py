@@ -25,6 +25,12 @@ slow down for a busy component; answers are counted per link as well.
 
 Latency is from the moment a publish's bytes were handed to the socket to the moment
 its answer was read, both on this process's `perf_counter`.
+
+Direct mode (bench.direct) sends the server plugin's `notify` IQs instead, which the
+component answers before it pushes: there the caller keeps the window, from what
+reaches the sink (`attached_run` with `refill=False`), and the server plays the plugin
+too (`LoadServer.plugin`: it answers the component's `configure` as
+plugins/prosody/mod_xmpp_push.lua does).
 """
 
 from __future__ import annotations
@@ -36,13 +42,21 @@ import random
 import re
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from bench.workload import COMPONENT_JID, Workload
 
-__all__ = ["ComponentLink", "LoadServer", "RunResult", "percentiles_ms", "run_on_links"]
+__all__ = [
+    "ComponentLink",
+    "LoadServer",
+    "Run",
+    "RunResult",
+    "attached_run",
+    "percentiles_ms",
+    "run_on_links",
+]
 
 STREAM_ID: Final = "b3nchstr34m"
 _STREAM_HEADER: Final = (
@@ -54,6 +68,9 @@ _STREAM_CLOSE: Final = b"</stream:stream>"
 _HANDSHAKE = re.compile(rb"<handshake[^>]*>\s*([0-9a-fA-F]+)\s*</handshake>")
 _ID = re.compile(rb"""\sid=(["'])(.*?)\1""")
 _TYPE = re.compile(rb"""\stype=(["'])(.*?)\1""")
+_FROM = re.compile(rb"""\sfrom=(["'])(.*?)\1""")
+_TO = re.compile(rb"""\sto=(["'])(.*?)\1""")
+NS_PLUGIN: Final = b"urn:xmpp-push:plugin:1"
 _ERROR = re.compile(rb"""<error\b[^>]*?\btype=(["'])(.*?)\1[^>]*>\s*<([A-Za-z-]+)""")
 SPREAD_SEED: Final = 114
 """Seed of the per-publish link choice, so that every run splits the same way."""
@@ -124,7 +141,9 @@ class RunResult:
         return percentiles_ms(self.latencies, *points)
 
 
-class _Run:
+class Run:
+    """One run's publishes on its links: what was sent, what is still unanswered."""
+
     def __init__(
         self,
         links: Sequence[ComponentLink],
@@ -214,11 +233,14 @@ class ComponentLink(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._state = "header"
-        self._run: _Run | None = None
+        self._run: Run | None = None
         self._slot = 0
         """This link's place in the links of the current run."""
         self._window = 0
         self.closed = asyncio.get_running_loop().create_future()
+        self.configured: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once a `configure` of the component was answered (`LoadServer.plugin`)."""
+        self.plugin_configures = 0
         self.bytes_in = 0
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -309,6 +331,11 @@ class ComponentLink(asyncio.Protocol):
             position = end
             id_match = _ID.search(head)
             type_match = _TYPE.search(head)
+            if type_match is not None and type_match.group(2) in {b"set", b"get"}:
+                # A request of the component's own (the plugin protocol's configure).
+                if self._server.plugin is not None and id_match is not None:
+                    self._answer_plugin(head, bytes(buffer[head_end:end]), id_match.group(2))
+                continue
             if run is None or id_match is None or type_match is None:
                 continue
             if run.answered(id_match.group(2), type_match.group(2), error, now, self._slot):
@@ -325,6 +352,38 @@ class ComponentLink(asyncio.Protocol):
             free = self._window - len(run.outstanding)
             if free > 0:
                 run.send(free)
+
+    def _answer_plugin(self, head: bytes, body: bytes, iq_id: bytes) -> None:
+        """Answer a plugin-protocol request the way the Prosody plugin does: `configure`
+        with what the plugin is (the shape Prosody 0.12.3 wrote), `arm` and `disarm` with
+        an empty result. Anything else stays unanswered, as before."""
+        if NS_PLUGIN not in body:
+            return
+        sender = _FROM.search(head)
+        to = _TO.search(head)
+        if sender is None or to is None:
+            return
+        payload = b""
+        if b"<configure" in body:
+            self.plugin_configures += 1
+            payload = (
+                b"<plugin server='"
+                + (self._server.plugin or "").encode()
+                + b"' xmlns='urn:xmpp-push:plugin:1' name='mod_xmpp_push' version='1'/>"
+            )
+        self.write(
+            b"<iq to='"
+            + sender.group(2)
+            + b"' type='result' id='"
+            + iq_id
+            + b"' from='"
+            + to.group(2)
+            + b"'>"
+            + payload
+            + b"</iq>"
+        )
+        if payload and not self.configured.done():
+            self.configured.set_result(None)
 
     # -- runs -------------------------------------------------------------------
 
@@ -370,19 +429,18 @@ async def run_on_links(
     """Send publishes `start` … `start+count-1`, each on one of `links` picked at random
     (ejabberd's balancing); `window` IQs outstanding over all links together. Returns
     once all are answered, a link closes, or no answer came for `stall_timeout` s."""
-    if not links:
-        raise ValueError("no link to run on")
     mode = "window" if rate is None else "paced"
-    result = RunResult(label, mode, count, window, offered_rate=rate)
-    run = _Run(links, workload, start, result)
-    for slot, link in enumerate(links):
-        if link._run is not None:
-            raise RuntimeError(f"link {slot} is already running {link._run.result.label}")
-        link._run = run
-        link._slot = slot
-        # Every link refills the shared window as its answers come in.
-        link._window = window if rate is None else 0
-    try:
+    with attached_run(
+        links,
+        workload,
+        label=label,
+        mode=mode,
+        start=start,
+        count=count,
+        window=window,
+        rate=rate,
+        refill=rate is None,
+    ) as run:
         if rate is None:
             run.send(window)
             await _wait(run, stall_timeout)
@@ -394,15 +452,47 @@ async def run_on_links(
                 pacer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pacer
+    return run.result
+
+
+@contextlib.contextmanager
+def attached_run(
+    links: Sequence[ComponentLink],
+    workload: Workload,
+    *,
+    label: str,
+    mode: str,
+    start: int,
+    count: int,
+    window: int,
+    rate: float | None = None,
+    refill: bool,
+) -> Iterator[Run]:
+    """A run of stanzas `start` … `start+count-1` of `workload` on `links`, whose
+    answers are counted while the block lasts. With `refill`, every answer sends the
+    next stanzas so that `window` stay unanswered; without, the caller sends
+    (`Run.send`), e.g. when what it waits for is not the answer."""
+    if not links:
+        raise ValueError("no link to run on")
+    run = Run(links, workload, start, RunResult(label, mode, count, window, offered_rate=rate))
+    for slot, link in enumerate(links):
+        if link._run is not None:
+            raise RuntimeError(f"link {slot} is already running {link._run.result.label}")
+    for slot, link in enumerate(links):
+        link._run = run
+        link._slot = slot
+        # Every link refills the shared window as its answers come in.
+        link._window = window if refill else 0
+    try:
+        yield run
     finally:
         for link in links:
             link._run = None
             link._slot = 0
             link._window = 0
-    return result
 
 
-async def _wait(run: _Run, stall_timeout: float) -> None:
+async def _wait(run: Run, stall_timeout: float) -> None:
     seen = -1
     while not run.done.done():
         with contextlib.suppress(TimeoutError):
@@ -415,7 +505,7 @@ async def _wait(run: _Run, stall_timeout: float) -> None:
         seen = run.result.answered
 
 
-async def _pace(run: _Run, rate: float, cap: int, tick: float) -> None:
+async def _pace(run: Run, rate: float, cap: int, tick: float) -> None:
     began = time.perf_counter()
     scheduled = 0
     while run.next_index < run.end_index:
@@ -441,6 +531,10 @@ class LoadServer:
     def __init__(self, secret: str) -> None:
         self.secret = secret
         self.port = 0
+        self.plugin: str | None = None
+        """When set, links answer the component's plugin-protocol requests (`configure`,
+        `arm`, `disarm`) as the server plugin does, with this as the server's name; when
+        None (app-server mode), they stay unanswered, as from a server without it."""
         self._server: asyncio.Server | None = None
         self._ready: asyncio.Queue[ComponentLink] = asyncio.Queue()
         self._links: set[ComponentLink] = set()

@@ -4,8 +4,10 @@ It starts the sinks (nginx when installed, else the Python stand-ins), the compo
 as `xmpp-push run` in its own process, and floods it from the harness's XMPP server;
 every publish must come back answered and the results file must carry the figures
 the documentation is made from. The scale-out scenario (2 processes on this machine's
-PostgreSQL, each with its own connection of the one component JID) runs too, unless
-PostgreSQL cannot be reached, which the results file then says.
+PostgreSQL, each with its own connection of the one component JID) runs too, and direct
+mode (the plugin's notifies for users among 20,000 registrations, in SQLite and in
+PostgreSQL, counted at the APNs sink), each PostgreSQL part unless PostgreSQL cannot be
+reached, which the results file then says.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLISHES = 300
+DIRECT_ROWS = 20_000
 
 
 def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: Path) -> None:
@@ -38,6 +42,8 @@ def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: 
             "--no-docs",
             "--results-dir",
             str(tmp_path),
+            "--direct-cache",
+            str(tmp_path / "direct-cache"),
         ],
         cwd=REPO,
         capture_output=True,
@@ -76,6 +82,8 @@ def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: 
         "project peak RSS ≤ 120 MiB",
     }
 
+    _check_direct_mode(results)
+
     scaled = results.get("scale_out")
     if scaled is None:
         assert any(note.startswith("scale-out skipped") for note in results["notes"])
@@ -93,3 +101,39 @@ def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: 
         assert process["exit_code"] == 0
     assert scaled["ratio"] > 0
     assert scaled["single_process"]["label"] == "project-apns-window"
+
+
+def _check_direct_mode(results: dict[str, Any]) -> None:
+    """Every notify answered `result` and pushed once, as counted at the APNs sink."""
+    direct = results.get("direct")
+    if results["sinks"]["apns"]["kind"] != "nginx":
+        assert direct is None
+        assert any(note.startswith("direct mode skipped") for note in results["notes"])
+        return
+    assert direct is not None
+    runs = {run["backend"]: run for run in direct["runs"]}
+    assert "sqlite" in runs
+    if "postgresql" not in runs:
+        assert any(
+            note.startswith("direct mode on postgresql skipped") for note in results["notes"]
+        )
+    assert direct["rows"] == DIRECT_ROWS
+    assert direct["appserver"]["label"] == "project-apns-window"
+    for backend, run in runs.items():
+        assert run["label"] == f"project-direct-{backend}"
+        assert run["plugin_configures_answered"] == 1
+        assert run["sent"] == run["answered"] == run["results"] == PUBLISHES, run["errors"]
+        assert run["pushes"] == run["sent"]
+        assert run["undelivered"] == run["unexpected_pushes"] == 0
+        assert not run["stalled"]
+        assert sum(run["pushes_per_second"]) == run["pushes"]
+        assert run["pushes_per_s"] > 0
+        assert run["ratio"] > 0
+        latency = run["latency_ms"]
+        assert 0 <= latency["p50"] <= latency["p99"] <= latency["max"] < 30_000
+        assert run["component"]["peak_rss_mib"] > 10
+        assert run["component"]["cpu_us_per_push"] > 0
+        assert run["exit_code"] == 0
+        loaded = run["registrations"]
+        assert loaded["rows"] == DIRECT_ROWS
+        assert loaded["marker"]["rows"] == DIRECT_ROWS
