@@ -121,7 +121,7 @@ def _command(args: argparse.Namespace, config: Config) -> Callable[[], Coroutine
         from xmpp_push.app import run
         from xmpp_push.logs import configure_logging
 
-        configure_logging(config.log.level, config.log.format)
+        configure_logging(config.log.level, config.log.format, cache=True)
         return lambda: run(config)
     if args.command == "db":
         return lambda: _db(args, config)

@@ -193,7 +193,10 @@ class Waker:
             registrations=len(registrations),
             now=len(now_pushes),
         )
-        await asyncio.gather(*now_pushes)
+        if len(now_pushes) == 1:
+            await now_pushes[0]  # the usual case: no task and gathering future for one push
+        else:
+            await asyncio.gather(*now_pushes)
         return len(now_pushes)
 
     def _alert(self, event: WakeEvent) -> bool | None:
