@@ -164,6 +164,29 @@ async def test_a_burst_makes_one_push_now_and_one_with_the_count_at_the_window_e
     assert rig.waker.open_windows == 0
 
 
+async def test_windows_opened_at_different_times_each_end_on_their_own_time() -> None:
+    rig = Rig(coalesce_window=0.3)
+    await rig.register("n1", resource="phone", token=PHONE)
+    await rig.register("n2", resource="tablet", token=TABLET)
+    for _ in range(3):
+        await rig.waker.wake(event(SessionState.HIBERNATED, resource="phone"))
+    await asyncio.sleep(0.15)
+    for _ in range(5):
+        await rig.waker.wake(event(SessionState.HIBERNATED, resource="tablet"))
+
+    def counts() -> list[tuple[str, int | None]]:
+        return [(p.device.token[:2], p.content.message_count) for p in rig.provider.pushes]
+
+    assert counts() == [(PHONE[:2], 1), (TABLET[:2], 1)]
+    await asyncio.sleep(0.2)  # 0.35 s: the phone's window has ended, the tablet's not
+    assert counts() == [(PHONE[:2], 1), (TABLET[:2], 1), (PHONE[:2], 3)]
+    await asyncio.sleep(0.15)  # 0.5 s: the tablet's too
+    assert counts() == [(PHONE[:2], 1), (TABLET[:2], 1), (PHONE[:2], 3), (TABLET[:2], 5)]
+    await asyncio.sleep(0.35)  # both windows after the trailing pushes end quietly
+    assert rig.waker.open_windows == 0
+    assert len(rig.provider.pushes) == 4
+
+
 async def test_a_message_after_a_quiet_window_starts_a_new_burst() -> None:
     rig = Rig(coalesce_window=0.05)
     await rig.register("n1", resource="phone")

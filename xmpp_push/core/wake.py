@@ -21,6 +21,7 @@ This module decides the rest, with no XML:
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -131,7 +132,6 @@ class _Burst:
     """Messages that arrived after the last push of this burst."""
     alert: bool = False
     """Whether any pending one asks for a visible notification."""
-    timer: asyncio.TimerHandle | None = None
 
 
 class Waker:
@@ -152,6 +152,10 @@ class Waker:
         self._policy = policy
         self._clock = clock
         self._bursts: dict[int, _Burst] = {}
+        self._window_ends: collections.deque[tuple[float, int]] = collections.deque()
+        """(loop time, registration id) of each open window's end, in order: every window
+        is `coalesce_window` long, so they end in the order they opened."""
+        self._window_timer: asyncio.TimerHandle | None = None
         self._trailing: set[asyncio.Task[None]] = set()
         self._successes: dict[int, float] = {}
         self._flush: asyncio.Task[None] | None = None
@@ -221,7 +225,7 @@ class Waker:
         if burst is None:
             burst = _Burst(registration=registration, event=event, count=event.count)
             self._bursts[registration.id] = burst
-            burst.timer = self._schedule_window_end(registration.id)
+            self._schedule_window_end(registration.id)
             return self._push(registration, event, event.count, alert)
         burst.registration = registration
         burst.event = event
@@ -230,9 +234,28 @@ class Waker:
         burst.alert = burst.alert or alert
         return None
 
-    def _schedule_window_end(self, registration_id: int) -> asyncio.TimerHandle:
+    def _schedule_window_end(self, registration_id: int) -> None:
+        # One timer for all windows, not one each: thousands of open windows made every
+        # timer operation of the process (each a heap push with Python comparisons)
+        # dearer, and each window paid for a TimerHandle of its own.
         loop = asyncio.get_running_loop()
-        return loop.call_later(self._policy.coalesce_window, self._window_ended, registration_id)
+        due = loop.time() + self._policy.coalesce_window
+        self._window_ends.append((due, registration_id))
+        if self._window_timer is None:
+            self._window_timer = loop.call_at(due, self._windows_due)
+
+    def _windows_due(self) -> None:
+        self._window_timer = None
+        loop = asyncio.get_running_loop()
+        ends = self._window_ends
+        # asyncio may run a timer up to its clock's resolution early: a millisecond of
+        # slack keeps this from rescheduling itself for the same instant.
+        horizon = loop.time() + 0.001
+        while ends and ends[0][0] <= horizon:
+            _, registration_id = ends.popleft()
+            self._window_ended(registration_id)  # may open a new window: a later end
+        if ends:
+            self._window_timer = loop.call_at(ends[0][0], self._windows_due)
 
     def _window_ended(self, registration_id: int) -> None:
         burst = self._bursts.get(registration_id)
@@ -245,7 +268,7 @@ class Waker:
         # goes on makes one push per window, never one per message.
         burst.pending = 0
         alert, burst.alert = burst.alert, False
-        burst.timer = self._schedule_window_end(registration_id)
+        self._schedule_window_end(registration_id)
         self._spawn(self._push(burst.registration, burst.event, burst.count, alert))
 
     def _spawn(self, push: Coroutine[Any, Any, None]) -> None:
@@ -256,9 +279,11 @@ class Waker:
     async def close(self) -> None:
         """Send what the open windows hold now instead of at their end, and wait for
         those pushes (called at shutdown, before the dispatcher drains)."""
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
+        self._window_ends.clear()
         for registration_id, burst in list(self._bursts.items()):
-            if burst.timer is not None:
-                burst.timer.cancel()
             if burst.pending:
                 self._spawn(self._push(burst.registration, burst.event, burst.count, burst.alert))
             del self._bursts[registration_id]
