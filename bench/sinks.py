@@ -11,8 +11,9 @@ one worker, on loopback with a certificate from `tests.standins.tlsca`:
   `LOGGED_APNS_TOPIC` (direct mode's registrations) are logged to `requests.log`,
   `$msec $uri` each, unbuffered, so that the harness sees every push as it arrives
   (`Sink.request_log`); the app-server runs' requests are not, and pay nothing for it.
-* FCM: HTTP/1.1 over TLS (the aiohttp clients speak nothing else), a fixed OAuth token
-  at `/token` and a fixed `{"name": …}` for `messages:send`.
+* FCM: HTTP/2 or HTTP/1.1 over TLS, as ALPN picks (the project's client offers `h2`,
+  the baseline's aiohttp only `http/1.1`), a fixed OAuth token at `/token` and a fixed
+  `{"name": …}` for `messages:send`.
 
 Nothing checks what arrives: the sinks exist to be fast. Behaviour (JWT checks, error
 answers) is what `tests/standins` are for; they are the fallback here (`--sink
@@ -250,7 +251,9 @@ http {{
 {http_common}
   default_type application/json;
   server {{
-    listen 127.0.0.1:{port} ssl;
+    # HTTP/2 for clients that offer h2 in ALPN (the project's), HTTP/1.1 for the rest
+    # (aiohttp in the baseline, requests for the token), as Google's front end does.
+    listen 127.0.0.1:{port} ssl http2;
     ssl_certificate {cert};
     ssl_certificate_key {key};
     location = /token {{

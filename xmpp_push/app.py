@@ -52,9 +52,9 @@ def build_providers(config: Config) -> dict[Service, Provider]:
 
 
 def _build_real_providers(config: Config, providers: dict[Service, Provider]) -> None:
-    # Each provider's libraries (h2 and cryptography; aiohttp and google-auth) are
-    # imported only when its section is configured: unused, they would cost the process
-    # memory for its whole life (aiohttp and google-auth alone ≈ 10 MiB).
+    # Each provider's libraries (cryptography; google-auth and requests) are imported
+    # only when its section is configured: unused, they would cost the process memory
+    # for its whole life (google-auth and requests alone ≈ 5 MiB).
     if config.apns.enabled:
         from xmpp_push.providers.apns import ApnsProvider
 
@@ -79,7 +79,7 @@ def _build_real_providers(config: Config, providers: dict[Service, Provider]) ->
             endpoint=config.fcm.endpoint or None,
             ca_file=config.fcm.ca_file or None,
             request_timeout=config.fcm.request_timeout,
-            max_connections=config.fcm.max_connections,
+            connections=config.fcm.connections,
         )
 
 
@@ -226,6 +226,8 @@ def _announce(config: Config, providers: dict[Service, Provider]) -> None:
         config=str(config.source) if config.source else None,
         storage=safe_url(config.storage.url),
     )
+    for warning in config.warnings:
+        log.warning("deprecated_config_key", hint=warning)
     if config.component.secret_is_default:
         log.warning(
             "default_secret",

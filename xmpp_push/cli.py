@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xmpp-push: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
+        for warning in config.warnings:
+            print(f"xmpp-push: warning: {warning}", file=sys.stderr)
         print(f"xmpp-push: configuration OK ({config.source or 'built-in defaults'})")
         return EXIT_OK
     return _run_async(_command(args, config))

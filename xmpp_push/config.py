@@ -369,6 +369,7 @@ class _KeyInfo:
     rules: tuple[Rule[Any], ...]
     sensitive: bool
     is_path: bool
+    deprecated: str | None
 
 
 def _key(
@@ -377,13 +378,16 @@ def _key(
     *rules: Rule[T],
     sensitive: bool = False,
     is_path: bool = False,
+    deprecated: str | None = None,
 ) -> T:
     """Declare a key as a dataclass field.
 
     `sensitive` keeps the value out of `repr()` and out of error messages; `is_path`
-    makes a relative path from the file relative to the file's directory.
+    makes a relative path from the file relative to the file's directory. A key with
+    `deprecated` (what to do instead) is still accepted, so old files keep loading,
+    but setting it earns a warning at start; the example file leaves it out.
     """
-    info = _KeyInfo(cleandoc(help), rules, sensitive, is_path)
+    info = _KeyInfo(cleandoc(help), rules, sensitive, is_path, deprecated)
     return field(default=default, repr=not sensitive, metadata={_META: info})
 
 
@@ -547,7 +551,20 @@ class FcmConfig:
     request_timeout: float = _key(
         10.0, "Seconds to wait for FCM to answer one notification.", _positive
     )
-    max_connections: int = _key(64, "Most HTTP connections open to FCM at once.", _between(1, 1000))
+    connections: int = _key(
+        2,
+        """HTTP/2 connections kept open to FCM. Each carries as many notifications at once
+        as the server allows (its MAX_CONCURRENT_STREAMS).""",
+        _between(1, 64),
+    )
+    max_connections: int = _key(
+        64,
+        """Deprecated, without effect: the most HTTP/1.1 connections to FCM, from before
+        FCM was reached over HTTP/2. Use `connections`.""",
+        _between(1, 1000),
+        deprecated="remove it; FCM is reached over HTTP/2 now, many sends per "
+        "connection, and fcm.connections sets how many connections",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -701,6 +718,8 @@ class Config:
     log: LogConfig
     source: Path | None
     """The file it was read from; None when it runs on defaults and environment only."""
+    warnings: tuple[str, ...] = ()
+    """What is accepted but should change (deprecated keys), for the log at start."""
 
 
 # --------------------------------------------------------------------------- the table
@@ -741,6 +760,8 @@ class Key:
     rules: tuple[Rule[Any], ...]
     sensitive: bool
     is_path: bool
+    deprecated: str | None = None
+    """What to do instead, for a key kept only so that old files still load."""
 
     @property
     def dotted(self) -> str:
@@ -768,12 +789,17 @@ def _row(section: str, spec: Field[Any], hint: object) -> Key:
         rules=info.rules,
         sensitive=info.sensitive,
         is_path=info.is_path,
+        deprecated=info.deprecated,
     )
 
 
 def _sections() -> dict[str, type[Any]]:
     hints = get_type_hints(Config)
-    return {spec.name: hints[spec.name] for spec in fields(Config) if spec.name != "source"}
+    return {
+        spec.name: hints[spec.name]
+        for spec in fields(Config)
+        if spec.name not in {"source", "warnings"}
+    }
 
 
 def _build_table() -> tuple[Key, ...]:
@@ -1069,6 +1095,13 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
     _check_apns_complete(values["apns"])
     _derive_fcm_project(values["fcm"])
     _check_retry_delays(values["policy"])
+    warnings = tuple(
+        f"{key.dotted} is deprecated and ignored"
+        + (f" (set by {setting.origin})" if setting.origin else "")
+        + f": {key.deprecated}"
+        for key, setting in settings.items()
+        if key.deprecated is not None
+    )
 
     return Config(
         component=ComponentConfig(**values["component"]),
@@ -1079,6 +1112,7 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
         policy=PolicyConfig(**values["policy"]),
         log=LogConfig(**values["log"]),
         source=path,
+        warnings=warnings,
     )
 
 
@@ -1123,7 +1157,8 @@ xmpp-push reads one TOML file. It takes the first of:
 Without any, it runs on the defaults below: a server on this machine, SQLite, and no
 Apple or Google key (notifications are written to the log), so a first run needs
 nothing but the XMPP server. Every key is optional.
-`deploy/xmpp-push.example.toml` lists every key with its default.
+`deploy/xmpp-push.example.toml` lists every key with its default (but the deprecated
+ones).
 
 Relative paths (`key_file`, `ca_file`, `service_account_file`) are relative to the
 file's directory when they are written in the file, and to the working directory when
@@ -1150,6 +1185,9 @@ apns.key_id: required when apns.key_file is set
 component.port: expected an integer, got 'abc' (from {ENV_PREFIX}COMPONENT_PORT)
 /etc/xmpp-push/xmpp-push.toml:12: invalid TOML at column 8: Invalid value
 ```
+
+A deprecated key is still accepted, so an older file keeps working, but it is ignored
+and named in a warning at start (`deprecated_config_key`) and by `check-config`.
 """
 
 
@@ -1159,7 +1197,8 @@ def render_reference() -> str:
     for section, section_class in _SECTIONS.items():
         parts.append(f"\n## [{section}]\n\n{cleandoc(section_class.__doc__ or '')}\n")
         for key in (key for key in KEYS if key.section == section):
-            details = [f"- type: {_type_doc(key)}"]
+            details = [f"- deprecated: {key.deprecated}"] if key.deprecated else []
+            details.append(f"- type: {_type_doc(key)}")
             details.extend(f"- accepted: {rule.doc}" for rule in key.rules)
             details.append(f"- default: `{_toml_value(key.default)}`")
             details.append(f"- environment: `{key.env_var}`")
@@ -1183,7 +1222,7 @@ def default_config_toml() -> str:
     for section, section_class in _SECTIONS.items():
         lines.extend(["", f"[{section}]"])
         lines.extend(_comment(cleandoc(section_class.__doc__ or "")))
-        for key in (key for key in KEYS if key.section == section):
+        for key in (key for key in KEYS if key.section == section and not key.deprecated):
             lines.append("")
             lines.extend(_comment(key.help))
             if key.kind is _Kind.CHOICE:

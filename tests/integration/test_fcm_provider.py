@@ -10,7 +10,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from structlog.testing import capture_logs
 
 from tests.standins.fcm import FcmStandIn, ReplySpec, invalid_argument
+from tests.standins.tlsca import TestCA
+from xmpp_push.core.dispatch import Dispatcher, RetryPolicy
 from xmpp_push.core.model import Content, Device, Priority, Push, Service
-from xmpp_push.core.outcomes import DeliveryError, ErrorCategory
+from xmpp_push.core.outcomes import DeliveryError, ErrorCategory, Outcome
 from xmpp_push.providers.fcm import FcmProvider
 
 TOKEN = "cHVzaC10b2tlbi0x:APA91bHunMIBhDk1xyz"
@@ -446,6 +448,221 @@ async def test_a_closed_provider_refuses_to_send(provider: FcmProvider) -> None:
     error = await failure_of(provider, make_push())
 
     assert (error.category, error.reason) == (ErrorCategory.TRANSIENT, "provider_closed")
+
+
+# --- HTTP/2 -----------------------------------------------------------------------------
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        # The stand-in's counters have no event to wait on; polling them is simplest.
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_a_send_is_an_http2_post_with_the_v1_pseudo_headers(
+    fcm: FcmStandIn, provider: FcmProvider
+) -> None:
+    await provider.send(make_push())
+
+    [request] = fcm.requests
+    assert request.http_version == "2"
+    assert request.pseudo_headers == {
+        ":method": "POST",
+        ":scheme": "https",
+        ":authority": f"127.0.0.1:{fcm.port}",
+        ":path": "/v1/projects/xmpp-push-test/messages:send",
+    }
+    assert request.headers["content-type"] == "application/json; charset=UTF-8"
+    assert request.headers["authorization"].startswith("Bearer ya29.standin-")
+    assert request.message is not None
+    body = json.dumps({"message": request.message}, ensure_ascii=False, separators=(",", ":"))
+    assert int(request.headers["content-length"]) == len(body.encode())
+
+
+async def test_concurrent_sends_share_one_connection_within_its_stream_limit(
+    fcm: FcmStandIn,
+) -> None:
+    provider = make_provider(fcm, connections=1)
+    try:
+        await asyncio.gather(*(provider.send(make_push(f"{TOKEN}-{n:03d}")) for n in range(300)))
+    finally:
+        await provider.aclose()
+
+    assert [request.status for request in fcm.requests] == [200] * 300
+    assert fcm.connections_opened == 1
+    assert {request.connection_id for request in fcm.requests} == {1}
+    assert 1 < fcm.peak_concurrent_streams <= fcm.max_concurrent_streams == 100
+
+
+async def test_by_default_two_connections_carry_the_sends(
+    fcm: FcmStandIn, provider: FcmProvider
+) -> None:
+    await asyncio.gather(*(provider.send(make_push(f"{TOKEN}-{n:03d}")) for n in range(50)))
+    await asyncio.gather(*(provider.send(make_push(f"{TOKEN}-{n:03d}")) for n in range(50)))
+
+    assert fcm.connections_opened == 2
+    assert {request.connection_id for request in fcm.requests} == {1, 2}
+
+
+async def test_the_endpoint_may_end_in_a_slash(fcm: FcmStandIn) -> None:
+    provider = make_provider(fcm, endpoint=fcm.endpoint + "/")
+    try:
+        await provider.send(make_push())
+    finally:
+        await provider.aclose()
+
+    assert fcm.requests[0].pseudo_headers[":path"] == "/v1/projects/xmpp-push-test/messages:send"
+
+
+async def test_the_401_refresh_retries_on_the_same_connection(fcm: FcmStandIn) -> None:
+    provider = make_provider(fcm, connections=1)
+    try:
+        await provider.send(make_push())
+        fcm.expire_access_tokens()
+        await provider.send(make_push())
+    finally:
+        await provider.aclose()
+
+    assert [request.status for request in fcm.requests] == [200, 401, 200]
+    assert fcm.token_requests == 2
+    assert {(r.http_version, r.connection_id) for r in fcm.requests} == {("2", 1)}
+    assert fcm.requests[1].headers["Authorization"] != fcm.requests[2].headers["Authorization"]
+
+
+async def test_a_timed_out_send_resets_its_stream_and_keeps_the_connection(
+    fcm: FcmStandIn,
+) -> None:
+    fcm.hang(TOKEN)
+    provider = make_provider(fcm, request_timeout=0.3, connections=1)
+    try:
+        await provider.send(make_push(f"{TOKEN}-warm"))
+        error = await failure_of(provider, make_push())
+        await provider.send(make_push(f"{TOKEN}-after"))
+    finally:
+        await provider.aclose()
+
+    assert (error.category, error.reason) == (ErrorCategory.TRANSIENT, "timeout")
+    assert [request.status for request in fcm.requests] == [200, None, 200]
+    assert fcm.connections_opened == 1
+    await eventually(lambda: fcm.resets_received == 1)
+
+
+async def test_a_goaway_fails_unprocessed_sends_as_transient_then_recovers(
+    fcm: FcmStandIn,
+) -> None:
+    provider = make_provider(fcm, connections=1)
+    try:
+        await provider.send(make_push(f"{TOKEN}-warm"))  # token and connection ready
+        fcm.goaway_after(1)
+
+        results = await asyncio.gather(
+            *(provider.send(make_push(f"{TOKEN}-{n}")) for n in range(3)), return_exceptions=True
+        )
+        fcm.goaway_after(None)
+        await provider.send(make_push(f"{TOKEN}-later"))
+    finally:
+        await provider.aclose()
+
+    assert results.count(None) == 1
+    errors = [result for result in results if result is not None]
+    assert all(
+        isinstance(error, DeliveryError)
+        and (error.category, error.reason) == (ErrorCategory.TRANSIENT, "goaway")
+        for error in errors
+    ), errors
+    # The dropped sends never reached FCM's logic: nothing recorded for them.
+    assert [request.status for request in fcm.requests] == [200, 200, 200]
+    assert fcm.connections_opened == 2
+
+
+async def test_a_connection_lost_mid_flight_is_transient_then_recovers(
+    fcm: FcmStandIn, provider: FcmProvider
+) -> None:
+    fcm.hang(TOKEN)
+    in_flight = asyncio.create_task(provider.send(make_push()))
+    await fcm.wait_for_requests(1)
+
+    await fcm.drop_connections()
+    [lost] = await asyncio.gather(in_flight, return_exceptions=True)
+    fcm.reset(TOKEN)
+    await provider.send(make_push())
+
+    assert isinstance(lost, DeliveryError)
+    assert (lost.category, lost.reason) == (ErrorCategory.TRANSIENT, "connection_lost")
+    assert fcm.connections_opened == 2
+    assert fcm.requests[-1].status == 200
+
+
+async def test_sends_lost_to_goaways_are_retried_and_delivered_never_dropped(
+    fcm: FcmStandIn, provider: FcmProvider
+) -> None:
+    dispatcher = Dispatcher({Service.FCM: provider}, RetryPolicy(initial_delay=0.01))
+    await provider.send(make_push(f"{TOKEN}-warm"))
+    fcm.goaway_after(1)  # every connection: one answer, then GOAWAY
+
+    now = time.time()
+    results = await asyncio.gather(
+        *(dispatcher.deliver(make_push(f"{TOKEN}-{n}", created_at=now)) for n in range(4))
+    )
+
+    assert [result.outcome for result in results] == [Outcome.DELIVERED] * 4
+    assert fcm.connections_opened >= 4
+
+
+async def test_an_untrusted_fcm_certificate_is_misconfiguration(
+    fcm: FcmStandIn, tmp_path: Path
+) -> None:
+    async with FcmStandIn(tmp_path / "other-ca") as elsewhere:
+        # Token from `fcm` (its CA trusted), sends to a server whose CA is not.
+        provider = make_provider(fcm, endpoint=elsewhere.endpoint)
+        try:
+            error = await failure_of(provider, make_push())
+        finally:
+            await provider.aclose()
+
+    assert (error.category, error.reason) == (ErrorCategory.MISCONFIGURED, "tls_certificate")
+    assert elsewhere.requests == []
+
+
+async def test_an_endpoint_without_http2_is_misconfiguration(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "ca")
+    http1_only = ca.issue("http1").server_context(alpn=["http/1.1"])
+    server = await asyncio.get_running_loop().create_server(
+        asyncio.Protocol, "127.0.0.1", 0, ssl=http1_only
+    )
+    async with server, FcmStandIn(tmp_path / "fcm", ca=ca) as fcm:
+        port = server.sockets[0].getsockname()[1]
+        provider = make_provider(fcm, endpoint=f"https://127.0.0.1:{port}")
+        try:
+            error = await failure_of(provider, make_push())
+        finally:
+            await provider.aclose()
+
+    assert (error.category, error.reason) == (ErrorCategory.MISCONFIGURED, "no_http2")
+
+
+async def test_the_standin_still_answers_http1_clients(
+    fcm: FcmStandIn, provider: FcmProvider
+) -> None:
+    await provider.send(make_push())  # for an access token
+    authorization = fcm.requests[0].headers["Authorization"]
+    url = f"{fcm.endpoint}/v1/projects/{fcm.project_id}/messages:send"
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url,
+            json={"message": {"token": TOKEN}},
+            headers={"Authorization": authorization},
+            ssl=_trusting(fcm),
+        ) as response,
+    ):
+        body = await response.json()
+
+    assert response.status == 200
+    assert body["name"].startswith("projects/xmpp-push-test/messages/")
+    assert (fcm.requests[-1].http_version, fcm.requests[-1].connection_id) == ("1.1", 0)
 
 
 # --- logs -------------------------------------------------------------------------------

@@ -5,6 +5,14 @@ It speaks TLS with a certificate from `TestCA`, writes a service-account JSON wh
 `messages:send` with Google's own error shapes. Tests program answers per registration
 token (`respond`, `respond_sequence`, `hang`) and read what arrived (`requests`).
 
+Like Google's front end it speaks HTTP/2 to clients that offer `h2` in ALPN (xmpp-push's
+provider) and HTTP/1.1 to the others (google-auth's token requests, aiohttp clients):
+one port, one set of answers. HTTP/2 goes through `h2`, with flow control done
+properly (every DATA frame acknowledged, answers sent within the client's windows);
+HTTP/1.1 through aiohttp. Tests can make the HTTP/2 side misbehave (`goaway_after`,
+`drop_connections`, a small `max_concurrent_streams`) and see which connection and
+protocol each request came on (`FcmRequest.connection_id`, `.http_version`).
+
 Run alone (for a benchmark or a manual check):
 
     python -m tests.standins.fcm --port 8444 --dir /tmp/y
@@ -30,11 +38,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Final
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import H2Error, ProtocolError
+from h2.settings import SettingCodes, Settings
+from multidict import CIMultiDict
 
 from tests.standins.cli import serve_until_signal
 from tests.standins.tlsca import TestCA
@@ -61,6 +84,7 @@ FCM_ERROR_TYPE: Final = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 BAD_REQUEST_TYPE: Final = "type.googleapis.com/google.rpc.BadRequest"
 BAD_TOKEN_MESSAGE: Final = "The registration token is not a valid FCM registration token"
 
+_SEND_PATH = re.compile(r"/v1/projects/(?P<project>[^/]+)/messages:send")
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_:\-.]{1,4096}")
 _DURATION = re.compile(r"(\d{1,12})(\.\d{1,9})?s")
 # Google would allow a clock skew of a few minutes on `iat`.
@@ -203,9 +227,16 @@ class FcmRequest:
     message: Mapping[str, object] | None
     """The parsed `message` object (None if the body was not a JSON object with one)."""
     headers: Mapping[str, str]
+    """Regular header fields; names are case-insensitive (`headers["Authorization"]`)."""
     project: str
     status: int | None = None
     """What the stand-in answered; None while it is still answering (or hanging)."""
+    http_version: str = "1.1"
+    """"2" or "1.1", as ALPN chose."""
+    pseudo_headers: Mapping[str, str] = field(default_factory=dict)
+    """HTTP/2 only: `:method`, `:scheme`, `:authority`, `:path` as sent."""
+    connection_id: int = 0
+    """Which HTTP/2 connection (1, 2, ... in the order they opened); 0 for HTTP/1.1."""
 
 
 @dataclass(slots=True)
@@ -230,10 +261,13 @@ class FcmStandIn:
         token_lifetime: int = 3599,
         port: int = 0,
         ca: TestCA | None = None,
+        max_concurrent_streams: int = 100,
     ) -> None:
         self.directory = directory
         self.project_id = project_id
         self.token_lifetime = token_lifetime
+        self.max_concurrent_streams = max_concurrent_streams
+        """Announced to HTTP/2 clients (Google's front end announces 100)."""
         self.client_email = f"xmpp-push@{project_id}.iam.gserviceaccount.com"
         self.token_delay = 0.0
         """Seconds the token endpoint waits before answering (to show a slow refresh)."""
@@ -247,11 +281,20 @@ class FcmStandIn:
         self._arrived = asyncio.Event()
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._http2: set[_Http2Connection] = set()
         self._key: rsa.RSAPrivateKey | None = None
         self._key_id = ""
         self.port = 0
         self.ca_file = directory / "ca.pem"
         self.service_account_file = directory / "service-account.json"
+        self.goaway_after_requests: int | None = None
+        self.connections_opened = 0
+        """HTTP/2 connections accepted so far."""
+        self.resets_received = 0
+        """Streams the client reset (a send it gave up on)."""
+        self.peak_concurrent_streams = 0
+        """The most HTTP/2 requests in progress on one connection at once."""
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -274,22 +317,44 @@ class FcmStandIn:
         # A short shutdown: hung handlers are released by close(), nothing else lingers.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
+        # Our own listener rather than aiohttp's site: each connection goes to HTTP/2 or
+        # to aiohttp's HTTP/1.1 handler once ALPN has picked the protocol.
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _AlpnRouter(self),
             "127.0.0.1",
             self._requested_port,
-            ssl_context=certificate.server_context(),
+            ssl=certificate.server_context(alpn=["h2", "http/1.1"]),
         )
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self.port = int(self._server.sockets[0].getsockname()[1])
         # The file names the port, so it can only be written once the socket is bound.
         self._write_service_account()
 
     async def close(self) -> None:
         self._closing.set()  # lets hanging handlers finish so shutdown does not wait
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await self.drop_connections()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def drop_connections(self) -> None:
+        """Close every HTTP/2 connection, answered or not, but keep listening (a
+        network hiccup, a front end restarting)."""
+        connections = list(self._http2)
+        for connection in connections:
+            connection.close()
+        if connections:
+            _, pending = await asyncio.wait([c.lost for c in connections], timeout=1.0)
+            for connection in connections:
+                if connection.lost in pending:
+                    connection.abort()
+
+    @property
+    def open_connections(self) -> int:
+        """HTTP/2 connections open now."""
+        return len(self._http2)
 
     async def __aenter__(self) -> FcmStandIn:
         await self.start()
@@ -334,6 +399,12 @@ class FcmStandIn:
         else:
             self._plans.pop(token, None)
 
+    def goaway_after(self, n: int | None) -> None:
+        """After the `n`th request on an HTTP/2 connection is answered, send GOAWAY
+        naming it as the last stream processed and close the connection: requests sent
+        after it were never processed (None: stop doing so)."""
+        self.goaway_after_requests = n
+
     def expire_access_tokens(self) -> None:
         """Revoke every access token issued so far: the next send gets 401 UNAUTHENTICATED."""
         self._access_tokens.clear()
@@ -354,23 +425,27 @@ class FcmStandIn:
     # -- token endpoint -------------------------------------------------------------
 
     async def _handle_token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        fields = {name: value for name, value in form.items() if isinstance(value, str)}
+        return _web_response(await self._token(fields))
+
+    async def _token(self, form: Mapping[str, str]) -> FcmReply:
+        """The token endpoint's answer to a POSTed form, whichever protocol it came on."""
         self.token_requests += 1
         if self.token_delay > 0:
             await asyncio.sleep(self.token_delay)
-        form = await request.post()
-        grant_type = form.get("grant_type")
-        assertion = form.get("assertion")
-        if not isinstance(grant_type, str) or grant_type != JWT_BEARER_GRANT:
-            shown = grant_type if isinstance(grant_type, str) else ""
-            return _oauth_error("unsupported_grant_type", f"Invalid grant_type: {shown}")
-        if not isinstance(assertion, str) or not assertion:
+        grant_type = form.get("grant_type", "")
+        assertion = form.get("assertion", "")
+        if grant_type != JWT_BEARER_GRANT:
+            return _oauth_error("unsupported_grant_type", f"Invalid grant_type: {grant_type}")
+        if not assertion:
             return _oauth_error("invalid_request", "Missing required parameter: assertion")
         problem = self._check_assertion(assertion)
         if problem is not None:
             return _oauth_error("invalid_grant", problem)
         access_token = f"ya29.standin-{secrets.token_urlsafe(32)}"
         self._access_tokens[access_token] = time.time() + self.token_lifetime
-        return _json_response(
+        return _json_reply(
             200,
             {
                 "access_token": access_token,
@@ -428,19 +503,38 @@ class FcmStandIn:
 
     async def _handle_send(self, request: web.Request) -> web.Response:
         raw = await request.read()
+        headers = CIMultiDict(request.headers)
+        reply = await self._messages_send(request.match_info["project"], headers, raw)
+        return _web_response(reply)
+
+    async def _messages_send(
+        self,
+        project: str,
+        headers: Mapping[str, str],
+        raw: bytes,
+        *,
+        http_version: str = "1.1",
+        pseudo_headers: Mapping[str, str] | None = None,
+        connection_id: int = 0,
+    ) -> FcmReply:
+        """FCM's answer to one send, whichever protocol it came on; `headers` must look
+        names up case-insensitively."""
         document = _parse_json(raw)
         message = document.get("message") if isinstance(document, dict) else None
         token = message.get("token") if isinstance(message, dict) else None
         record = FcmRequest(
             token=token if isinstance(token, str) else None,
             message=message if isinstance(message, dict) else None,
-            headers=dict(request.headers),
-            project=request.match_info["project"],
+            headers=headers,
+            project=project,
+            http_version=http_version,
+            pseudo_headers=dict(pseudo_headers or {}),
+            connection_id=connection_id,
         )
         self.requests.append(record)
         self._arrived.set()
 
-        reply = self._refusal(request, record.project, raw, document)
+        reply = self._refusal(headers, record.project, raw, document)
         if reply is None and record.token is not None:
             step = self._next_step(record.token)
             if step is not None and step.hang:
@@ -452,21 +546,51 @@ class FcmStandIn:
             self._sent += 1
             record.status = 200
             name = f"projects/{self.project_id}/messages/0:{self._sent}"
-            return _json_response(200, {"name": name})
+            return _json_reply(200, {"name": name})
         record.status = reply.status
-        return web.Response(
-            status=reply.status,
-            body=reply.body,
-            content_type=reply.content_type,
-            charset="UTF-8",
-            headers=reply.headers,
+        return reply
+
+    async def _http2_request(
+        self,
+        connection_id: int,
+        pseudo_headers: Mapping[str, str],
+        headers: Mapping[str, str],
+        raw: bytes,
+    ) -> FcmReply:
+        """Route one HTTP/2 request as aiohttp routes the HTTP/1.1 ones."""
+        method = pseudo_headers.get(":method", "")
+        path = pseudo_headers.get(":path", "").partition("?")[0]
+        if path == "/token":
+            if method != "POST":
+                return _METHOD_NOT_ALLOWED
+            return await self._token(dict(parse_qsl(raw.decode(errors="replace"))))
+        match = _SEND_PATH.fullmatch(path)
+        if match is None:
+            return _NOT_FOUND
+        if method != "POST":
+            return _METHOD_NOT_ALLOWED
+        return await self._messages_send(
+            match["project"],
+            headers,
+            raw,
+            http_version="2",
+            pseudo_headers=pseudo_headers,
+            connection_id=connection_id,
         )
 
+    def _connection_made(self, connection: _Http2Connection) -> int:
+        self.connections_opened += 1
+        self._http2.add(connection)
+        return self.connections_opened
+
+    def _connection_lost(self, connection: _Http2Connection) -> None:
+        self._http2.discard(connection)
+
     def _refusal(
-        self, request: web.Request, project: str, raw: bytes, document: object
+        self, headers: Mapping[str, str], project: str, raw: bytes, document: object
     ) -> FcmReply | None:
         """Google's checks in Google's order: credentials, project, message."""
-        scheme, _, access_token = request.headers.get("Authorization", "").partition(" ")
+        scheme, _, access_token = headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not access_token:
             return _MISSING_CREDENTIALS
         expires_at = self._access_tokens.get(access_token.strip())
@@ -519,6 +643,227 @@ class FcmStandIn:
         }
         self.service_account_file.write_text(json.dumps(info, indent=2))
         self.service_account_file.chmod(0o600)
+
+
+# --------------------------------------------------------------------------------------
+# Connections: HTTP/2 or HTTP/1.1, as ALPN chose
+
+
+class _AlpnRouter(asyncio.Protocol):
+    """Hands a new TLS connection to HTTP/2 or to aiohttp's HTTP/1.1 handler."""
+
+    def __init__(self, server: FcmStandIn) -> None:
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        protocol: asyncio.Protocol
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            protocol = _Http2Connection(self._server)
+        elif self._server._runner is not None and self._server._runner.server is not None:
+            protocol = self._server._runner.server()
+        else:  # closing
+            transport.close()
+            return
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
+@dataclass(slots=True)
+class _Incoming:
+    headers: list[tuple[bytes, bytes]]
+    body: bytearray = field(default_factory=bytearray)
+
+
+class _Http2Connection(asyncio.Protocol):
+    """One client connection speaking HTTP/2; each request is answered by its own task
+    (a hanging answer holds up nothing else)."""
+
+    def __init__(self, server: FcmStandIn) -> None:
+        self._server = server
+        self.connection_id = 0
+        self._transport: asyncio.Transport | None = None
+        self._h2 = H2Connection(
+            H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                # Strict on what comes in (the stand-in examines the client), fast on
+                # what goes out (our own answers are well-formed).
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        self._incoming: dict[int, _Incoming] = {}
+        self._answering: dict[int, asyncio.Task[None]] = {}
+        self._outgoing: dict[int, memoryview] = {}
+        """Answer bodies waiting for the client's flow-control window."""
+        self._open_streams: set[int] = set()
+        self._requests = 0
+        self._going_away = False
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.connection_id = self._server._connection_made(self)
+        # As initial values (not an update) so they hold from the first frame on.
+        self._h2.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: self._server.max_concurrent_streams,
+                SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
+            },
+        )
+        self._h2.initiate_connection()
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._going_away = True
+        for task in self._answering.values():
+            task.cancel()
+        self._answering.clear()
+        self._server._connection_lost(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._going_away:
+            return  # h2 takes no frames after GOAWAY; the transport is closing
+        try:
+            events = self._h2.receive_data(data)
+        except ProtocolError:
+            self._flush()  # h2 queued a GOAWAY naming the error
+            self.close()
+            return
+        for event in events:
+            if isinstance(event, RequestReceived):
+                self._incoming[event.stream_id] = _Incoming(list(event.headers))
+                self._open_streams.add(event.stream_id)
+                self._server.peak_concurrent_streams = max(
+                    self._server.peak_concurrent_streams, len(self._open_streams)
+                )
+            elif isinstance(event, DataReceived):
+                self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                incoming = self._incoming.get(event.stream_id)
+                if incoming is not None:
+                    incoming.body += event.data
+            elif isinstance(event, StreamEnded):
+                incoming = self._incoming.pop(event.stream_id, None)
+                if incoming is not None:
+                    self._start_answer(event.stream_id, incoming)
+            elif isinstance(event, StreamReset):
+                self._server.resets_received += 1
+                self._incoming.pop(event.stream_id, None)
+                self._outgoing.pop(event.stream_id, None)
+                self._open_streams.discard(event.stream_id)
+                task = self._answering.pop(event.stream_id, None)
+                if task is not None:
+                    task.cancel()
+            elif isinstance(event, WindowUpdated):
+                self._pump_all()
+            elif isinstance(event, ConnectionTerminated):
+                self._going_away = True
+                self.close()
+                return
+        self._flush()
+
+    def _start_answer(self, stream_id: int, incoming: _Incoming) -> None:
+        self._requests += 1
+        goaway_after = self._server.goaway_after_requests
+        last = goaway_after is not None and self._requests >= goaway_after
+        task = asyncio.get_running_loop().create_task(self._answer(stream_id, incoming, last))
+        self._answering[stream_id] = task
+
+    async def _answer(self, stream_id: int, incoming: _Incoming, last: bool) -> None:
+        # Tasks run in the order the requests ended, so by the time one runs after a
+        # GOAWAY, that GOAWAY named a lower stream: this request was never processed.
+        if not self._taking_requests():
+            return
+        pseudo_headers: dict[str, str] = {}
+        headers: CIMultiDict[str] = CIMultiDict()
+        for raw_name, raw_value in incoming.headers:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            if name.startswith(":"):
+                pseudo_headers[name] = value
+            else:
+                headers.add(name, value)
+        try:
+            reply = await self._server._http2_request(
+                self.connection_id, pseudo_headers, headers, bytes(incoming.body)
+            )
+        finally:
+            self._answering.pop(stream_id, None)
+        if not self._taking_requests():  # went away or lost while answering
+            return
+        self._send(stream_id, reply)
+        if last:
+            self._going_away = True
+            self._h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=stream_id)
+            self._flush()
+            self.close()
+            return
+        self._flush()
+
+    def _taking_requests(self) -> bool:
+        return not self._going_away
+
+    def _send(self, stream_id: int, reply: FcmReply) -> None:
+        headers = [
+            (b":status", b"%d" % reply.status),
+            (b"content-type", f"{reply.content_type}; charset=UTF-8".encode()),
+            (b"content-length", b"%d" % len(reply.body)),
+        ]
+        headers += [
+            (name.lower().encode(), value.encode()) for name, value in reply.headers.items()
+        ]
+        try:
+            self._h2.send_headers(stream_id, headers, end_stream=not reply.body)
+            if reply.body:
+                self._outgoing[stream_id] = memoryview(reply.body)
+                self._pump(stream_id)
+        except H2Error:
+            self._outgoing.pop(stream_id, None)  # the client reset the stream meanwhile
+        if stream_id not in self._outgoing:
+            self._open_streams.discard(stream_id)
+
+    def _pump(self, stream_id: int) -> None:
+        body = self._outgoing[stream_id]
+        while body:
+            window = self._h2.local_flow_control_window(stream_id)
+            if window <= 0:
+                self._outgoing[stream_id] = body
+                return
+            size = min(window, self._h2.max_outbound_frame_size, len(body))
+            self._h2.send_data(stream_id, body[:size].tobytes(), end_stream=size == len(body))
+            body = body[size:]
+        del self._outgoing[stream_id]
+        self._open_streams.discard(stream_id)
+
+    def _pump_all(self) -> None:
+        for stream_id in list(self._outgoing):
+            try:
+                self._pump(stream_id)
+            except H2Error:
+                self._outgoing.pop(stream_id, None)
+                self._open_streams.discard(stream_id)
+            if self._h2.outbound_flow_control_window <= 0:
+                return
 
 
 # --------------------------------------------------------------------------------------
@@ -724,14 +1069,27 @@ def _reply_for(spec: ReplySpec) -> FcmReply | None:
         raise ValueError(f"unknown FCM answer {spec!r} (known: {known})") from None
 
 
-def _json_response(status: int, document: object) -> web.Response:
+def _json_reply(status: int, document: object) -> FcmReply:
+    return FcmReply(status, _json_bytes(document))
+
+
+def _oauth_error(error: str, description: str) -> FcmReply:
+    return _json_reply(400, {"error": error, "error_description": description})
+
+
+def _web_response(reply: FcmReply) -> web.Response:
     return web.Response(
-        status=status, body=_json_bytes(document), content_type="application/json", charset="UTF-8"
+        status=reply.status,
+        body=reply.body,
+        content_type=reply.content_type,
+        charset="UTF-8",
+        headers=reply.headers,
     )
 
 
-def _oauth_error(error: str, description: str) -> web.Response:
-    return _json_response(400, {"error": error, "error_description": description})
+# What aiohttp answers for a path or method it has no route for.
+_NOT_FOUND: Final = FcmReply(404, b"404: Not Found", content_type="text/plain")
+_METHOD_NOT_ALLOWED: Final = FcmReply(405, b"405: Method Not Allowed", content_type="text/plain")
 
 
 def _parse_json(raw: bytes) -> object:

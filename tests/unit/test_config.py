@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from xmpp_push.config import (
     CONFIG_ENV,
@@ -325,6 +326,68 @@ def test_domains_are_compared_in_canonical_form(tmp_path: Path) -> None:
 )
 def test_valid_values_are_accepted(key: str, value: str) -> None:
     load_config(None, {key: value})
+
+
+# --------------------------------------------------------------------------- deprecated keys
+
+
+def test_fcm_connections_default_to_two_http2_connections() -> None:
+    assert load_config(None, {}).fcm.connections == 2
+
+
+def test_a_deprecated_key_in_the_file_still_loads_with_a_warning(tmp_path: Path) -> None:
+    config = load_text(tmp_path, "[fcm]\nmax_connections = 128\n")
+
+    assert config.fcm.max_connections == 128
+    [warning] = config.warnings
+    assert warning.startswith("fcm.max_connections is deprecated and ignored: ")
+    assert "fcm.connections" in warning
+
+
+def test_a_deprecated_key_from_the_environment_names_its_variable() -> None:
+    config = load_config(None, {"XMPP_PUSH_FCM_MAX_CONNECTIONS": "8"})
+
+    [warning] = config.warnings
+    assert "(set by XMPP_PUSH_FCM_MAX_CONNECTIONS)" in warning
+
+
+def test_a_config_without_deprecated_keys_has_no_warnings(tmp_path: Path) -> None:
+    assert load_config(None, {}).warnings == ()
+    assert load_text(tmp_path, "[fcm]\nconnections = 4\n").warnings == ()
+
+
+def test_deprecated_keys_are_marked_in_the_reference() -> None:
+    reference = render_reference()
+    deprecated = [key for key in KEYS if key.deprecated]
+    assert deprecated, "fcm.max_connections is deprecated"
+    for key in deprecated:
+        section = reference.split(f"### `{key.dotted}`")[1].split("###")[0]
+        assert f"- deprecated: {key.deprecated}" in section
+
+
+def test_the_service_logs_each_deprecated_key_at_start(tmp_path: Path) -> None:
+    from xmpp_push.app import _announce
+
+    config = load_text(tmp_path, "[fcm]\nmax_connections = 64\n")
+
+    with capture_logs() as logs:
+        _announce(config, {})
+
+    [entry] = [entry for entry in logs if entry["event"] == "deprecated_config_key"]
+    assert entry["log_level"] == "warning"
+    assert entry["hint"].startswith("fcm.max_connections is deprecated and ignored")
+
+
+def test_check_config_prints_the_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xmpp_push.cli import main as cli_main
+
+    path = write_toml(tmp_path, "[fcm]\nmax_connections = 64\n")
+
+    assert cli_main(["check-config", "--config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "xmpp-push: warning: fcm.max_connections is deprecated and ignored" in err
 
 
 # --------------------------------------------------------------------------- errors
@@ -696,10 +759,11 @@ def test_the_reference_mentions_every_key_and_its_variable() -> None:
         assert f"`{key.env_var}`" in reference
 
 
-def test_the_example_lists_every_key() -> None:
+def test_the_example_lists_every_key_but_the_deprecated_ones() -> None:
     example = default_config_toml()
     for key in KEYS:
-        assert f"\n{key.name} = " in example, key.dotted
+        listed = f"\n{key.name} = " in example
+        assert listed is (key.deprecated is None), key.dotted
 
 
 def test_docs_configuration_md_is_current() -> None:

@@ -1,4 +1,4 @@
-"""The APNs client's HTTP/2 engine against `h2` acting as the server, bytes in memory."""
+"""The push clients' HTTP/2 engine against `h2` acting as the server, bytes in memory."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from xmpp_push.providers._hpack import LiteralEncoder
 from xmpp_push.providers._http2 import (
     PREFACE,
     ClientConnection,
@@ -44,7 +45,6 @@ from xmpp_push.providers._http2 import (
     SettingsChanged,
     StreamReset,
 )
-from xmpp_push.providers.apns import _LiteralEncoder
 
 REQUEST = [
     (b":method", b"POST"),
@@ -70,7 +70,7 @@ def h2_server(**settings: int) -> H2Connection:
 
 def connect(server: H2Connection) -> tuple[ClientConnection, list[Event]]:
     """A client that has exchanged prefaces and SETTINGS with `server`."""
-    client = ClientConnection(_LiteralEncoder())
+    client = ClientConnection(LiteralEncoder())
     client.initiate()
     server.receive_data(client.data_to_send())
     events = client.receive(server.data_to_send())
@@ -125,7 +125,7 @@ def answer(server: H2Connection, stream_id: int, status: bytes, body: bytes = b"
 
 def test_settings_are_exchanged_and_acknowledged() -> None:
     server = h2_server(max_concurrent_streams=10)
-    client = ClientConnection(_LiteralEncoder())
+    client = ClientConnection(LiteralEncoder())
     client.initiate()
 
     from_client = to_server(client, server)
@@ -138,7 +138,7 @@ def test_settings_are_exchanged_and_acknowledged() -> None:
 
 
 def test_our_settings_refuse_server_push() -> None:
-    client = ClientConnection(_LiteralEncoder())
+    client = ClientConnection(LiteralEncoder())
     client.initiate()
     wire = client.data_to_send()
 
@@ -574,7 +574,7 @@ def test_protocol_violation_sends_goaway_and_fails_the_connection(
 
 
 def test_a_server_that_does_not_start_with_settings_is_refused() -> None:
-    client = ClientConnection(_LiteralEncoder())
+    client = ClientConnection(LiteralEncoder())
     client.initiate()
     client.data_to_send()
 

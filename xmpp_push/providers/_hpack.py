@@ -1,4 +1,5 @@
-"""HPACK decoding (RFC 7541) of the header blocks an HTTP/2 server sends us.
+"""HPACK (RFC 7541): decoding the header blocks an HTTP/2 server sends us, and
+encoding ours without compression.
 
 `hpack.Decoder` spent about half of the APNs client's remaining CPU on answers of a
 handful of fields: Huffman decoding bit by bit in Python, plus its table upkeep and
@@ -16,12 +17,15 @@ for the receiving side, names and values as bytes, and is fast where it matters:
   as a deque of the fields the caller gets, newest first.
 
 Whatever is malformed raises `HpackError`, which HTTP/2 makes a COMPRESSION_ERROR.
-Encoding is not here: our requests need no compression (apns.py's `_LiteralEncoder`).
+
+Our own header blocks need no compression: `LiteralEncoder` writes every field as a
+literal with raw strings and keeps no dynamic table.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import Final
 
 __all__ = [
@@ -29,6 +33,8 @@ __all__ = [
     "STATIC_TABLE",
     "Decoder",
     "HpackError",
+    "LiteralEncoder",
+    "encode_integer",
     "huffman_codes",
     "huffman_decode",
 ]
@@ -398,3 +404,80 @@ class Decoder:
         while self._size > limit:
             name, value = table.pop()
             self._size -= len(name) + len(value) + _ENTRY_OVERHEAD
+
+
+# --------------------------------------------------------------------------------------
+# Encoding our requests, without the parts that cost and gain nothing here
+
+
+def encode_integer(value: int, prefix_bits: int, first_byte: int) -> bytes:
+    """RFC 7541 §5.1: `value` with an N-bit prefix, high bits of the first byte set."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first_byte | value,))
+    out = bytearray((first_byte | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _encode_string(data: bytes) -> bytes:
+    return encode_integer(len(data), 7, 0x00) + data  # H=0: raw octets, no Huffman
+
+
+_STATIC_FIELDS: Final = {field: i for i, field in enumerate(STATIC_TABLE, 1)}
+_STATIC_NAMES: Final = {name: i for i, (name, _) in reversed(list(enumerate(STATIC_TABLE, 1)))}
+_NEVER_INDEXED: Final = frozenset({b"authorization"})
+_ENCODED_FIELDS_KEPT: Final = 256
+
+
+class LiteralEncoder:
+    """HPACK with no compression work: every field a literal with raw strings.
+
+    hpack's encoder Huffman-codes every string and searches and maintains a dynamic
+    table; for push requests (a fresh path or id each time, a bearer token worth
+    sending as a never-indexed literal anyway) that was 27 % of the CPU per APNs push
+    (docs/performance.md) to save a few dozen bytes on fast links. The first block sets
+    our dynamic table to size 0, so no later SETTINGS change can oblige us to signal
+    anything.
+
+    Fields that repeat (method, authority, topic, the token until it rotates...) are
+    encoded once and remembered; those named in `varying` change with every request
+    and are not worth remembering.
+    """
+
+    def __init__(self, varying: Iterable[bytes] = ()) -> None:
+        self._varying = frozenset(varying)
+        self._table_off = False
+        self._fields: dict[tuple[bytes, bytes], bytes] = {}
+
+    def encode(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        out = bytearray()
+        if not self._table_off:
+            out += encode_integer(0, 5, 0x20)  # dynamic table size update: 0
+            self._table_off = True
+        fields = self._fields
+        for field in headers:
+            encoded = fields.get(field)
+            if encoded is None:
+                encoded = _encode_field(*field)
+                if field[0] not in self._varying:
+                    if len(fields) >= _ENCODED_FIELDS_KEPT:  # tokens rotate: forget old ones
+                        fields.clear()
+                    fields[field] = encoded
+            out += encoded
+        return bytes(out)
+
+
+def _encode_field(name: bytes, value: bytes) -> bytes:
+    full = _STATIC_FIELDS.get((name, value))
+    if full is not None:
+        return encode_integer(full, 7, 0x80)  # indexed field
+    first = 0x10 if name in _NEVER_INDEXED else 0x00
+    index = _STATIC_NAMES.get(name)
+    if index is not None:
+        return encode_integer(index, 4, first) + _encode_string(value)
+    return encode_integer(0, 4, first) + _encode_string(name) + _encode_string(value)

@@ -1,5 +1,10 @@
 """Firebase Cloud Messaging, HTTP v1: one POST per push, authorised by a service account.
 
+The POSTs go over HTTP/2 (`_h2client`, the client APNs uses too): a few long-lived TLS
+connections each carrying many requests at once, instead of aiohttp's HTTP/1.1 with
+one connection per request in flight, which cost twice the CPU per push and a TLS
+connection's memory per concurrent send (docs/fcm.md).
+
 The OAuth2 access token comes from google-auth, but only its `refresh()`: that call is
 blocking (requests), so it runs in a worker thread, once for all concurrent sends, behind
 a lock. `before_request()` / `AuthorizedSession` are not used because they start a
@@ -21,8 +26,8 @@ import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any, Final
+from urllib.parse import urlsplit
 
-import aiohttp
 import requests
 import structlog
 from google.auth import exceptions as google_auth_errors
@@ -31,6 +36,7 @@ from google.oauth2 import service_account
 
 from xmpp_push.core.model import DEFAULT_BODY, ELLIPSIS, MAX_TTL, Priority, Push, Service
 from xmpp_push.core.outcomes import DeliveryError, ErrorCategory
+from xmpp_push.providers._h2client import Origin, Pool, RequestFailed, Response, tls_context
 from xmpp_push.providers._http import parse_retry_after
 
 __all__ = [
@@ -47,6 +53,8 @@ DEFAULT_ENDPOINT: Final = "https://fcm.googleapis.com"
 MAX_MESSAGE_BYTES: Final = 4096
 """FCM's limit; measured here on the whole request body, which is stricter than FCM."""
 _INT32_MAX: Final = 2**31 - 1  # notification_count is an int32
+
+_CONTENT_TYPE: Final = (b"content-type", b"application/json; charset=UTF-8")
 
 _FCM_ERROR_TYPE: Final = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _BAD_REQUEST_TYPE: Final = "type.googleapis.com/google.rpc.BadRequest"
@@ -232,7 +240,7 @@ def _parse_error(body: bytes) -> _FcmError:
     )
 
 
-def _classify(http_status: int, error: _FcmError, retry_after: str | None) -> DeliveryError:
+def _classify(http_status: int, error: _FcmError, retry_after: str | bytes | None) -> DeliveryError:
     """The one table from FCM's answer to our category."""
     code = error.error_code
     if code == "INVALID_ARGUMENT" or (code is None and error.status == "INVALID_ARGUMENT"):
@@ -263,6 +271,21 @@ def _refresh_failure(error: google_auth_errors.GoogleAuthError) -> DeliveryError
         return DeliveryError(ErrorCategory.TRANSIENT, str(oauth_error or "token_endpoint_error"))
     # invalid_grant (wrong key, deleted account, clock far off), invalid_scope, ...
     return DeliveryError(ErrorCategory.MISCONFIGURED, str(oauth_error or "token_refresh_failed"))
+
+
+def _transport_failure(failure: RequestFailed) -> DeliveryError:
+    """No answer from FCM, as a category: transient, unless no retry can help."""
+    if failure.reason != "connect_failed":
+        # lost, GOAWAY, stream reset, ...: FCM never answered, the token is not at fault.
+        return DeliveryError(ErrorCategory.TRANSIENT, failure.reason)
+    cause = failure.cause
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        # Nothing a retry fixes: the server's certificate is not one we trust.
+        return DeliveryError(ErrorCategory.MISCONFIGURED, "tls_certificate")
+    if isinstance(cause, RequestFailed) and cause.reason == "no_h2":
+        # `endpoint` names a server (a proxy?) that does not speak HTTP/2, as Google does.
+        return DeliveryError(ErrorCategory.MISCONFIGURED, "no_http2")
+    return DeliveryError(ErrorCategory.TRANSIENT, "connection_error")
 
 
 # --------------------------------------------------------------------------------------
@@ -326,12 +349,15 @@ class FcmProvider:
         endpoint: str | None = None,
         ca_file: str | None = None,
         request_timeout: float = 10.0,
-        max_connections: int = 64,
+        connections: int = 2,
+        idle_ping_interval: float = 60.0,
     ) -> None:
         if request_timeout <= 0:
             raise ValueError("[fcm] request_timeout must be positive")
-        if max_connections < 1:
-            raise ValueError("[fcm] max_connections must be at least 1")
+        if connections < 1:
+            raise ValueError("[fcm] connections must be at least 1")
+        if idle_ping_interval <= 0:
+            raise ValueError("[fcm] idle_ping_interval must be positive")
         try:
             self._credentials = _load_credentials(service_account_file)
         except (OSError, ValueError) as exc:
@@ -342,17 +368,29 @@ class FcmProvider:
         if not project:
             raise ValueError("[fcm] project_id is not set and the service-account file names none")
         self.project_id: str = project
-        base = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
-        self._send_url = f"{base}/v1/projects/{project}/messages:send"
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
-        self._max_connections = max_connections
-        # Made here, at start-up, because loading CA files reads the disk.
-        self._ssl_context = ssl.create_default_context(cafile=ca_file)
+        origin, base_path = _split_endpoint(endpoint or DEFAULT_ENDPOINT)
+        self._timeout = request_timeout
+        self._pool = Pool(
+            origin=origin,
+            # Made here, at start-up, because loading CA files reads the disk.
+            ssl_context=tls_context(ca_file),
+            size=connections,
+            connect_timeout=request_timeout,
+            ping_interval=idle_ping_interval,
+            ping_timeout=request_timeout,
+            varying_headers=(b"content-length",),
+            event_prefix="fcm.",
+        )
+        path = f"{base_path}/v1/projects/{project}/messages:send"
+        self._request_head = (*self._pool.post_headers, (b":path", path.encode()))
+        """Every send's pseudo-header fields; the rest follow them."""
+        self._authorization = (b"authorization", b"")
+        self._authorization_token = ""
+        """The access token `_authorization` carries, encoded once per token (hourly)."""
         self._token_transport = _TokenEndpointTransport(ca_file, request_timeout)
         self._refresh_lock = asyncio.Lock()
         self._refreshes_finished = 0
         self._last_refresh_failure: DeliveryError | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
     async def send(self, push: Push) -> None:
@@ -369,12 +407,10 @@ class FcmProvider:
 
     async def aclose(self) -> None:
         self._closed = True
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._pool.aclose()
         self._token_transport.close()
 
-    async def _exchange(self, push: Push) -> tuple[int, _FcmError, str | None]:
+    async def _exchange(self, push: Push) -> tuple[int, _FcmError, bytes | None]:
         """FCM's answer: status, parsed error body, Retry-After."""
         if self._closed:
             raise DeliveryError(ErrorCategory.TRANSIENT, "provider_closed")
@@ -382,17 +418,17 @@ class FcmProvider:
             raise DeliveryError(ErrorCategory.MISCONFIGURED, "not_an_fcm_device")
         body = encode_message(build_message(_remaining(push, time.time())))
         access_token = await self._access_token()
-        status, payload, retry_after = await self._post(body, access_token)
-        if status == 200:
-            return status, _NO_ERROR, None
-        answer = _parse_error(payload)
-        if status == 401 and answer.is_expired_credentials:
+        response = await self._post(body, access_token)
+        if response.status == 200:
+            return 200, _NO_ERROR, None
+        answer = _parse_error(response.body)
+        if response.status == 401 and answer.is_expired_credentials:
             # Revoked or expired early: the one retry the Provider contract allows.
             log.info("fcm.access_token_refused", provider=self.name)
             access_token = await self._access_token(refused=access_token)
-            status, payload, retry_after = await self._post(body, access_token)
-            answer = _NO_ERROR if status == 200 else _parse_error(payload)
-        return status, answer, retry_after
+            response = await self._post(body, access_token)
+            answer = _NO_ERROR if response.status == 200 else _parse_error(response.body)
+        return response.status, answer, response.header(b"retry-after")
 
     async def _access_token(self, *, refused: str | None = None) -> str:
         """A valid access token, other than `refused` (one FCM just refused).
@@ -455,34 +491,34 @@ class FcmProvider:
             took_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
-    async def _post(self, body: bytes, access_token: str) -> tuple[int, bytes, str | None]:
-        headers = {
-            "Authorization": f"Bearer {access_token}",
-            "Content-Type": "application/json; charset=UTF-8",
-        }
+    async def _post(self, body: bytes, access_token: str) -> Response:
+        if access_token != self._authorization_token:
+            self._authorization = (b"authorization", b"Bearer " + access_token.encode())
+            self._authorization_token = access_token
+        headers = [
+            *self._request_head,
+            self._authorization,
+            _CONTENT_TYPE,
+            (b"content-length", b"%d" % len(body)),
+        ]
         try:
-            async with self._client_session().post(
-                self._send_url, data=body, headers=headers
-            ) as response:
-                payload = await response.read()
-                return response.status, payload, response.headers.get("Retry-After")
-        except TimeoutError as exc:
-            raise DeliveryError(ErrorCategory.TRANSIENT, "timeout") from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            # Nothing a retry fixes: the server's certificate is not one we trust.
-            raise DeliveryError(ErrorCategory.MISCONFIGURED, "tls_certificate") from exc
-        except aiohttp.ClientError as exc:
-            raise DeliveryError(ErrorCategory.TRANSIENT, "connection_error") from exc
+            async with asyncio.timeout(self._timeout) as deadline:
+                return await self._pool.pick().request(headers, body)
+        except TimeoutError:
+            if deadline.expired():
+                raise DeliveryError(ErrorCategory.TRANSIENT, "timeout") from None
+            raise
+        except RequestFailed as failure:
+            raise _transport_failure(failure) from failure
 
-    def _client_session(self) -> aiohttp.ClientSession:
-        # Made on first use: aiohttp binds a session to the loop that is running.
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl_context),
-                timeout=self._timeout,
-                trust_env=False,
-            )
-        return self._session
+
+def _split_endpoint(url: str) -> tuple[Origin, str]:
+    """The origin to connect to and the path the API's paths go under."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ValueError(f"[fcm] endpoint takes no query: {url!r}")
+    origin = Origin.parse(f"{parts.scheme}://{parts.netloc}", label="[fcm] endpoint")
+    return origin, parts.path.rstrip("/")
 
 
 def _level(category: ErrorCategory) -> int:
