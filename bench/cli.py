@@ -10,7 +10,9 @@ The plan of a default run (each scenario in a fresh component process):
 4. baseline → APNs and → FCM at the maximum rate;
 5. direct mode: the server plugin's notifies for users among `--direct-rows` (1,000,000)
    registrations, in SQLite and in PostgreSQL, → APNs at the maximum rate, pushes
-   counted at the sink (bench.direct), against step 1's APNs run;
+   counted at the sink (bench.direct), against step 1's APNs run; then, on each store,
+   `--enables` delegated enables of new users, enables again and disables, answers
+   counted (bench.enables);
 6. each sink's own ceiling, loaded straight by the project's provider client;
 7. py-spy profiles of the project during two more max-rate runs (not in the figures).
 
@@ -47,7 +49,9 @@ from bench.direct import (
     RequestLog,
     deliver,
     direct_database_url,
+    remove_added_rows,
 )
+from bench.enables import ADVERTISEMENT, PHASE_TITLES, PHASES, EnablePlan, count_phase_rows
 from bench.processes import (
     IMPLEMENTATIONS,
     POSTGRESQL_URL,
@@ -587,8 +591,9 @@ DIRECT_COUNTED: Final = (
 async def direct_mode(bench: Bench, single: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The component in direct mode on each of `--direct-backends` with `--direct-rows`
     registrations, at the maximum rate to APNs (bench.direct); against `single`, this
-    invocation's app-server APNs max-rate run. None when no backend could run (notes
-    say why)."""
+    invocation's app-server APNs max-rate run. Then, with `--enables`, delegated
+    enables and disables on the same store (bench.enables). None when no backend could
+    run (notes say why)."""
     args = bench.args
     sink = bench.sinks["apns"]
     if sink.request_log is None:
@@ -598,6 +603,8 @@ async def direct_mode(bench: Bench, single: Mapping[str, Any] | None) -> dict[st
         )
         return None
     runs: list[dict[str, Any]] = []
+    enable_runs: list[dict[str, Any]] = []
+    plan: EnablePlan | None = None
     workload: DirectWorkload | None = None
     for backend in args.direct_backends:
         if backend == "sqlite":
@@ -650,6 +657,16 @@ async def direct_mode(bench: Bench, single: Mapping[str, Any] | None) -> dict[st
                 f"{record['cpu_ratio']:.2f}× its CPU per publish"
             )
         runs.append(record)
+        if args.enables:
+            plan = EnablePlan(workload.dataset, count=args.enables, warmup=args.enable_warmup)
+            enable_label = f"{label}-enable"
+            enable_record = await _least_disturbed(
+                bench,
+                enable_label,
+                functools.partial(_enables_once, bench, workload, plan, config, enable_label),
+            )
+            enable_record["storage"] = _safe_url(url)
+            enable_runs.append(enable_record)
     if not runs or workload is None:
         return None
     section: dict[str, Any] = {
@@ -664,6 +681,15 @@ async def direct_mode(bench: Bench, single: Mapping[str, Any] | None) -> dict[st
         "runs": runs,
         "noisy_cores": NOISY_CORES,
     }
+    if plan is not None:
+        section["enable"] = {
+            "count": args.enables,
+            "warmup": args.enable_warmup,
+            "window": args.window,
+            "counted": ENABLE_COUNTED,
+            "workload": plan.describe(),
+            "runs": enable_runs,
+        }
     if single is not None:
         section["appserver"] = {
             key: single[key]
@@ -795,6 +821,192 @@ async def _direct_once(
     other = record["machine"]["other_cores"]
     if other > NOISY_CORES:
         bench.log(f"  WARNING: other processes used {other:.2f} cores during this run")
+    return record
+
+
+ENABLE_COUNTED: Final = (
+    "the component answers a delegated enable or disable once the store has it, so the "
+    "answers are the figure: IQs/s = answered IQs / (first sent → last answer), the "
+    "window counts IQs not answered yet; latency = IQ handed to the socket → its answer "
+    "read; an answer counts as `result` when the client's answer inside the wrapper is "
+    "one; rows counted in the database before and after each phase"
+)
+
+
+async def _enables_once(
+    bench: Bench, workload: DirectWorkload, plan: EnablePlan, config: Path, label: str
+) -> dict[str, Any]:
+    """One component process on `workload`'s store: warm-up, then each phase of
+    `plan` (bench.enables) with `--window` IQs outstanding, the rows counted between."""
+    args = bench.args
+    url = workload.url
+    component = RunningComponent(
+        IMPLEMENTATIONS["project"], config, bench.directory / f"{label}.log"
+    )
+    waited = await _quiet(bench)
+    bench.log(
+        f"{label}: {plan.count:,} delegated IQs a phase ({', '.join(PHASES)}), "
+        f"{args.window} outstanding"
+    )
+    phases: list[dict[str, Any]] = []
+    bench.server.plugin = PLUGIN_SERVER
+    try:
+        await component.start()
+        link = await _connect(bench, component)
+        try:
+            await asyncio.wait_for(asyncio.shield(link.configured), 15)
+        except TimeoutError:
+            raise ScenarioFailed(f"no configure within 15 s:\n{component.log_tail()}") from None
+        link.write(ADVERTISEMENT)
+        for phase in PHASES:
+            warm = plan.workload(phase, warmup=True)
+            if not warm.users:
+                continue
+            warmup = await link.run(
+                warm,
+                label=f"warmup-{phase}",
+                start=0,
+                count=len(warm.users),
+                window=args.window,
+                stall_timeout=args.stall_timeout,
+            )
+            if warmup.unanswered or warmup.results != warmup.answered:
+                raise ScenarioFailed(
+                    f"warm-up {phase}: {warmup.unanswered} unanswered, errors {warmup.errors}\n"
+                    + component.log_tail()
+                )
+        backends = await database_backends(url) if workload.backend != "sqlite" else []
+        for phase in PHASES:
+            phases.append(await _enable_phase(bench, component, link, plan, url, phase, backends))
+        peak_kib = component.peak_rss_kib()
+    finally:
+        bench.server.plugin = None
+        await component.stop()
+    # The table as loaded, for the notifies of the next run; a phase that went wrong
+    # may have left rows behind.
+    left = (await count_phase_rows(url, [], 0)).table
+    removed = 0
+    if left != workload.dataset.rows:
+        removed = await remove_added_rows(url, workload.dataset)
+        bench.log(f"  WARNING: {left:,} rows after the run; removed {removed:,} not loaded")
+    others = [entry["machine"]["other_cores"] for entry in phases]
+    record: dict[str, Any] = {
+        "label": label,
+        "backend": workload.backend,
+        "rows": workload.dataset.rows,
+        "window": args.window,
+        "phases": phases,
+        "rows_after_run": left,
+        "removed_after_run": removed,
+        "component": {"peak_rss_mib": peak_kib / 1024},
+        "exit_code": component.exit_code,
+        "machine": {"other_cores": max(others), "waited_for_quiet_s": round(waited, 1)},
+    }
+    other = record["machine"]["other_cores"]
+    if other > NOISY_CORES:
+        bench.log(f"  WARNING: other processes used {other:.2f} cores during these runs")
+    return record
+
+
+async def _enable_phase(
+    bench: Bench,
+    component: RunningComponent,
+    link: ComponentLink,
+    plan: EnablePlan,
+    url: str,
+    phase: str,
+    backends: Sequence[int],
+) -> dict[str, Any]:
+    args = bench.args
+    owners = plan.owners(phase)
+    before = await count_phase_rows(url, owners, 0)
+    arms, disarms = link.plugin_arms, link.plugin_disarms
+    since_micros = round(time.time() * 1_000_000)
+    component_clock = CpuClock([component.pid])
+    database_clock = CpuClock(backends)
+    harness_cpu = _rusage_cpu()
+    machine_busy = machine_busy_seconds()
+    component_clock.start()
+    database_clock.start()
+    result = await link.run(
+        plan.workload(phase),
+        label=phase,
+        start=0,
+        count=plan.count,
+        window=args.window,
+        stall_timeout=args.stall_timeout,
+    )
+    component_clock.stop()
+    database_clock.stop()
+    machine_busy = machine_busy_seconds() - machine_busy
+    harness_cpu = _rusage_cpu() - harness_cpu
+    after = await count_phase_rows(url, owners, since_micros)
+    count = plan.count
+    expected = {
+        "enable_new": (before.table + count, 0, count, count),
+        "enable_again": (before.table, count, count, count),
+        "disable": (before.table - count, count, 0, 0),
+    }[phase]
+    found = (after.table, before.users, after.users, after.written)
+    wall = max(component_clock.wall, 1e-9)
+    answered = max(result.answered, 1)
+    latency = result.percentiles_ms(50, 99, 99.9, 100)
+    latency["max"] = latency.pop("p100")
+    latency["mean"] = (
+        1000 * sum(result.latencies) / len(result.latencies) if result.latencies else float("nan")
+    )
+    record: dict[str, Any] = {
+        "phase": phase,
+        "title": PHASE_TITLES[phase],
+        "requested": result.requested,
+        "sent": result.sent,
+        "answered": result.answered,
+        "unanswered": result.unanswered,
+        "results": result.results,
+        "errors": result.errors,
+        "unexpected": result.unexpected,
+        "stalled": result.stalled,
+        "seconds": round(result.seconds, 3),
+        "iqs_per_s": result.rate,
+        "latency_ms": latency,
+        "answers_per_second": result.timeline,
+        "plugin_arms": link.plugin_arms - arms,
+        "plugin_disarms": link.plugin_disarms - disarms,
+        "rows": {
+            "table_before": before.table,
+            "table_after": after.table,
+            "users_before": before.users,
+            "users_after": after.users,
+            "users_written": after.written,
+            "expected": dict(
+                zip(
+                    ("table_after", "users_before", "users_after", "users_written"),
+                    expected,
+                    strict=True,
+                )
+            ),
+            "as_expected": found == expected,
+        },
+        "component": {
+            "cpu_cores": component_clock.cores,
+            "cpu_us_per_iq": 1e6 * component_clock.cpu / answered,
+        },
+        "database": {"backends": len(backends), "cpu_cores": database_clock.cores},
+        "harness": {"cpu_cores": harness_cpu / wall},
+    }
+    ours = component_clock.cpu + database_clock.cpu + harness_cpu
+    record["machine"] = {
+        "busy_cores": machine_busy / wall,
+        "other_cores": max(0.0, machine_busy - ours) / wall,
+    }
+    bench.log(
+        f"  {PHASE_TITLES[phase]}: {result.rate:,.0f} IQs/s, p50 {latency['p50']:.1f} ms, "
+        f"p99 {latency['p99']:.1f} ms, {record['component']['cpu_us_per_iq']:,.0f} µs CPU/IQ, "
+        f"rows {before.table:,} → {after.table:,}"
+        + (f", {result.unanswered} UNANSWERED" if result.unanswered else "")
+        + (f", errors {result.errors}" if result.errors else "")
+        + ("" if found == expected else f", ROWS {found} EXPECTED {expected}")
+    )
     return record
 
 
@@ -1081,6 +1293,12 @@ def _parser() -> argparse.ArgumentParser:
         "--postgresql-url's server, database <name>_direct, created if missing)",
     )
     parser.add_argument(
+        "--enables",
+        type=int,
+        help="direct mode: delegated IQs in each enable/disable phase on each store "
+        "(5,000; quick 2,000 or --publishes if fewer; 0 skips them)",
+    )
+    parser.add_argument(
         "--direct-cache",
         type=Path,
         default=REPO / "bench" / "results" / "direct-cache",
@@ -1206,6 +1424,17 @@ def _settle(args: argparse.Namespace) -> None:
         args.profile_publishes = 20_000
     if args.write_docs is None:
         args.write_docs = not quick or args.docs is not None
+    if args.enables is None:
+        args.enables = min(2_000, args.publishes) if quick else 5_000
+    if args.enables < 0:
+        raise SystemExit("--enables wants 0 or more")
+    args.enable_warmup = min(args.warmup, args.enables)
+    if args.direct and args.soak is None and args.enable_warmup + args.enables > args.direct_rows:
+        raise SystemExit(
+            f"direct mode enables loaded users again, each once: --direct-rows "
+            f"{args.direct_rows:,} is fewer than the {args.enable_warmup + args.enables:,} "
+            "warm-up and measured enables"
+        )
     if args.direct and args.soak is None and args.warmup + args.publishes > args.direct_rows:
         raise SystemExit(
             f"direct mode notifies each user once: --direct-rows {args.direct_rows:,} is "
@@ -1299,6 +1528,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         unanswered += results["scale_out"]["unanswered"]
     for run in results.get("direct", {}).get("runs", []):
         unanswered += run["unanswered"] + run["undelivered"]
+    for run in results.get("direct", {}).get("enable", {}).get("runs", []):
+        for phase in run["phases"]:
+            # Every delegated IQ must be answered `result` and change the rows it names.
+            unanswered += phase["answered"] - phase["results"] + phase["unanswered"]
+            unanswered += 0 if phase["rows"]["as_expected"] else 1
     if "soak" in results:
         unanswered += results["soak"]["run"]["unanswered"]
     return 1 if unanswered else 0

@@ -18,7 +18,8 @@ that every user `user<i>@bench.example` has exactly one registration, an APNs de
 minute or two, so the databases are kept between runs: the SQLite file (and a marker
 beside it) in `--direct-cache`, the PostgreSQL database with the marker as its comment;
 either is loaded again only when the marker (rows, seed, schema head, layout) or the
-row count does not match.
+row count does not match. The enable runs (bench.enables) put the table back as it was
+loaded; rows left by one that stopped half-way are removed instead of loading again.
 
 **The users** notified: a seeded sample of the loaded ones, each at most once per
 component process (warm-up included), so the coalescing window (`policy.coalesce_window`,
@@ -58,6 +59,7 @@ from bench.sinks import LOGGED_APNS_TOPIC
 from bench.workload import COMPONENT_JID
 from bench.xmppserver import ComponentLink, RunResult, attached_run, percentiles_ms
 from xmpp_push.storage import migrate as migrations
+from xmpp_push.storage.sql import registrations
 
 __all__ = [
     "BACKENDS",
@@ -70,6 +72,7 @@ __all__ = [
     "deliver",
     "direct_database_url",
     "ensure_registrations",
+    "remove_added_rows",
 ]
 
 BACKENDS: Final = ("sqlite", "postgresql")
@@ -210,8 +213,19 @@ async def ensure_registrations(
             await prepare_postgresql(url)
         try:
             found = await _loaded_marker(backend, url)
-            if found == marker and await _rows(url) == dataset.rows:
-                return {"reloaded": False, "rows": dataset.rows, "marker": marker}
+            if found == marker:
+                rows = await _rows(url)
+                removed = 0
+                if rows is not None and rows != dataset.rows:
+                    # An enable run (bench.enables) that stopped half-way: drop its rows
+                    # rather than load a million again.
+                    removed = await remove_added_rows(url, dataset)
+                    rows = await _rows(url)
+                if rows == dataset.rows:
+                    kept: dict[str, Any] = {"reloaded": False, "rows": rows, "marker": marker}
+                    if removed:
+                        kept["removed_rows_not_loaded"] = removed
+                    return kept
             began = time.perf_counter()
             figures = await _reload(backend, url, dataset, json.dumps(marker, sort_keys=True))
         except (OSError, sa.exc.DBAPIError) as exc:
@@ -280,6 +294,24 @@ async def _rows(url: str) -> int | None:
             return int(count) if count is not None else None
     except sa.exc.DBAPIError:
         return None
+    finally:
+        await engine.dispose()
+
+
+async def remove_added_rows(url: str, dataset: Dataset) -> int:
+    """Delete the rows the load did not write (created before the first loaded row or
+    after the last: enables of new users, bench.enables), and say how many there were.
+    Rows the load wrote keep their `created_at` when enabled again."""
+    created = registrations.c.created_at
+    first = dataset.loaded_at(0, 0)
+    last = dataset.loaded_at(dataset.owners - 1, dataset.devices - 1)
+    engine = create_async_engine(url, poolclass=NullPool)
+    try:
+        async with engine.begin() as connection:
+            done = await connection.execute(
+                sa.delete(registrations).where(sa.or_(created < first, created > last))
+            )
+            return int(done.rowcount)
     finally:
         await engine.dispose()
 

@@ -17,6 +17,7 @@ from bench.sinks import nginx_version
 
 __all__ = [
     "direct_block",
+    "enable_table",
     "machine",
     "render_console",
     "scale_out_block",
@@ -359,6 +360,97 @@ def direct_summary(direct: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def enable_table(enable: Mapping[str, Any]) -> list[str]:
+    """Each phase of the delegated enables and disables, on each store."""
+    lines = [
+        "| store: phase | IQs | answers | IQs/s | p50 ms | p99 ms | p99.9 ms | CPU cores "
+        "| CPU µs/IQ | database cores | table rows before → after | the phase's users' rows "
+        "| other load |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in enable["runs"]:
+        store = _BACKEND_NAMES.get(run["backend"], run["backend"])
+        if run.get("attempts", 1) > 1:
+            store += f" (least disturbed of {run['attempts']} runs)"
+        for phase in run["phases"]:
+            latency = phase["latency_ms"]
+            rows = phase["rows"]
+            answers = f"{phase['results']:,} result"
+            for key, count in sorted(phase["errors"].items()):
+                answers += f", **{count:,} {key}**"
+            if phase["unanswered"]:
+                answers += f", **{phase['unanswered']:,} unanswered**"
+            users = f"{rows['users_before']:,} → {rows['users_after']:,}"
+            if phase["phase"] != "disable":
+                users += f", {rows['users_written']:,} written"
+            if not rows["as_expected"]:
+                users += f" (**expected {rows['expected']}**)"
+            database = phase["database"]
+            lines.append(
+                f"| {store}: {phase['title']} | {phase['sent']:,} | {answers} "
+                f"| **{_number(phase['iqs_per_s'])}** | {_number(latency['p50'], 1)} "
+                f"| {_number(latency['p99'], 1)} | {_number(latency['p99_9'], 1)} "
+                f"| {_number(phase['component']['cpu_cores'], 2)} "
+                f"| {_number(phase['component']['cpu_us_per_iq'])} "
+                f"| {_number(database['cpu_cores'], 2) if database['backends'] else '–'} "
+                f"| {rows['table_before']:,} → {rows['table_after']:,} | {users} "
+                f"| {_number(phase.get('machine', {}).get('other_cores'), 2)} |"
+            )
+    return lines
+
+
+def enable_summary(enable: Mapping[str, Any]) -> list[str]:
+    """One line per store: each phase's rate and CPU per IQ, and the table afterwards."""
+    lines = []
+    for run in enable["runs"]:
+        name = _BACKEND_NAMES.get(run["backend"], run["backend"])
+        phases = "; ".join(
+            f"{phase['title']} {phase['iqs_per_s']:,.0f}/s "
+            f"({phase['component']['cpu_us_per_iq']:,.0f} µs CPU/IQ)"
+            for phase in run["phases"]
+        )
+        line = f"{name}, {run['rows']:,} registrations: {phases}"
+        if run["rows_after_run"] == run["rows"] and not run["removed_after_run"]:
+            line += f"; {run['rows_after_run']:,} rows afterwards, as loaded"
+        else:
+            line += (
+                f"; **{run['rows_after_run']:,} rows afterwards**, "
+                f"{run['removed_after_run']:,} not loaded removed"
+            )
+        lines.append(line)
+    return lines
+
+
+def _enable_lines(direct: Mapping[str, Any]) -> list[str]:
+    enable = direct.get("enable")
+    if not enable or not enable["runs"]:
+        return []
+    return [
+        "",
+        "### Enables and disables through the component",
+        "",
+        "The harness, still playing the server, sends clients' `<enable/>` and "
+        "`<disable/>` delegated to the component (XEP-0355) in the shape Prosody 0.12.3's "
+        "mod_delegation forwards them (PROTOCOLS.md §2: a wrapper from the server domain, "
+        "no `to` on the client's IQ; the enable's form names an APNs device), to a fresh "
+        "component process on each store after its notify run, with the loaded "
+        f"registrations in it. Three phases of {enable['count']:,} IQs, after "
+        f"{enable['warmup']:,} warm-up IQs of each: enables of users not among the "
+        "loaded rows (a row inserted each), enables of loaded users with exactly what they "
+        "registered, as every app start sends again (the row rewritten), and disables, "
+        "with the node, of what the first phase added (the table ends as loaded). "
+        f"{enable['window']} IQs outstanding; {enable['counted']}. Each enable also arms "
+        "the session at the server plugin (`arm`, answered by the harness) and each "
+        "disable that takes a session's last registration disarms it. CPU µs/IQ is the "
+        "component's CPU over the phase per answered IQ; database cores are the "
+        "PostgreSQL server processes serving it.",
+        "",
+        *enable_table(enable),
+        "",
+        *(f"* {line}." for line in enable_summary(enable)),
+    ]
+
+
 def direct_block(results: Mapping[str, Any]) -> str:
     direct = results["direct"]
     workload = direct["workload"]
@@ -389,8 +481,10 @@ def direct_block(results: Mapping[str, Any]) -> str:
         *direct_table(direct),
         "",
         *(f"* {line}." for line in direct_summary(direct)),
+        *_enable_lines(direct),
     ]
     others = [run.get("machine", {}).get("other_cores") for run in direct["runs"]]
+    others += [run["machine"]["other_cores"] for run in direct.get("enable", {}).get("runs", [])]
     if direct.get("appserver"):
         others.append(direct["appserver"].get("other_cores"))
     noisy = max((float(other) for other in others if other is not None), default=0.0)
@@ -450,6 +544,10 @@ def render_console(results: Mapping[str, Any]) -> str:
     if results.get("direct"):
         lines += ["", *direct_table(results["direct"]), ""]
         lines += [line.replace("**", "") for line in direct_summary(results["direct"])]
+        enable = results["direct"].get("enable")
+        if enable and enable["runs"]:
+            lines += ["", *(line.replace("**", "") for line in enable_table(enable)), ""]
+            lines += [line.replace("**", "") for line in enable_summary(enable)]
     if results.get("sinks"):
         lines += ["", *sinks_table(results["sinks"])]
     if results.get("targets"):
@@ -488,8 +586,10 @@ outstanding (maximum rate) or pacing them (latency at half that rate). The compo
 is a separate process started as in production (`python -m xmpp_push.cli run`), the
 baseline too (`python -m bench.baseline`); RSS is the kernel's high-water mark of that
 process, CPU its user+system time over the measured run. Pushes go to nginx sinks on
-loopback (APNs: HTTP/2 over TLS; FCM: HTTP/1.1 over TLS), one process each.
-Latency is publish sent → reply read, at the harness.
+loopback, one process each (APNs: HTTP/2 over TLS; FCM: HTTP/2 over TLS for the
+project, HTTP/1.1 for the baseline's aiohttp, as ALPN picks). Latency is publish sent →
+reply read, at the harness; direct mode's notifies are counted where their pushes
+arrive (the APNs sink), its enables and disables by their answers.
 """
 
 

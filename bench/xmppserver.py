@@ -29,8 +29,11 @@ its answer was read, both on this process's `perf_counter`.
 Direct mode (bench.direct) sends the server plugin's `notify` IQs instead, which the
 component answers before it pushes: there the caller keeps the window, from what
 reaches the sink (`attached_run` with `refill=False`), and the server plays the plugin
-too (`LoadServer.plugin`: it answers the component's `configure` as
-plugins/prosody/mod_xmpp_push.lua does).
+too (`LoadServer.plugin`: it answers the component's `configure`, `arm` and `disarm`
+as plugins/prosody/mod_xmpp_push.lua does). Its delegated enables and disables
+(bench.enables) are windowed runs like the publishes; their answer is a `result`
+wrapper around the client's answer, and the client's answer's type (and error) is
+what a run counts.
 """
 
 from __future__ import annotations
@@ -241,6 +244,10 @@ class ComponentLink(asyncio.Protocol):
         self.configured: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         """Done once a `configure` of the component was answered (`LoadServer.plugin`)."""
         self.plugin_configures = 0
+        self.plugin_arms = 0
+        self.plugin_disarms = 0
+        """Answered `arm`/`disarm` requests (a direct-mode enable arms the session that
+        sent it; a disable that takes its last registration disarms it)."""
         self.bytes_in = 0
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -313,11 +320,19 @@ class ComponentLink(asyncio.Protocol):
             head_end = buffer.find(b">", start)
             if head_end < 0:
                 break
+            inner_type: bytes | None = None
             if buffer[head_end - 1] == 0x2F:  # '/': <iq …/>
                 end = head_end + 1
                 error = None
             else:
-                close = buffer.find(b"</iq>", head_end)
+                delegated = buffer.startswith(b"<delegation", head_end + 1)
+                if delegated:
+                    # A delegated IQ's answer (bench.enables): the client's answer
+                    # inside, itself an <iq/> that may hold an <error/>.
+                    close = buffer.find(b"</delegation>", head_end)
+                    close = buffer.find(b"</iq>", close) if close >= 0 else -1
+                else:
+                    close = buffer.find(b"</iq>", head_end)
                 if close < 0:
                     break
                 end = close + 5
@@ -327,6 +342,14 @@ class ComponentLink(asyncio.Protocol):
                     if found is not None
                     else None
                 )
+                if delegated:
+                    inner = buffer.find(b"<iq", head_end, close)
+                    inner_match = (
+                        _TYPE.search(buffer, inner, buffer.find(b">", inner) + 1)
+                        if inner >= 0
+                        else None
+                    )
+                    inner_type = b"" if inner_match is None else inner_match[2]
             head = bytes(buffer[start : head_end + 1])
             position = end
             id_match = _ID.search(head)
@@ -338,7 +361,10 @@ class ComponentLink(asyncio.Protocol):
                 continue
             if run is None or id_match is None or type_match is None:
                 continue
-            if run.answered(id_match.group(2), type_match.group(2), error, now, self._slot):
+            kind = type_match.group(2)
+            if inner_type is not None and kind == b"result":
+                kind = inner_type or b"no inner iq"
+            if run.answered(id_match.group(2), kind, error, now, self._slot):
                 matched += 1
         if _STREAM_CLOSE in buffer:
             # The component is leaving: close our side as a server does.
@@ -364,7 +390,11 @@ class ComponentLink(asyncio.Protocol):
         if sender is None or to is None:
             return
         payload = b""
-        if b"<configure" in body:
+        if b"<arm " in body:
+            self.plugin_arms += 1
+        elif b"<disarm " in body:
+            self.plugin_disarms += 1
+        elif b"<configure" in body:
             self.plugin_configures += 1
             payload = (
                 b"<plugin server='"

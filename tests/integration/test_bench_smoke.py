@@ -6,8 +6,9 @@ every publish must come back answered and the results file must carry the figure
 the documentation is made from. The scale-out scenario (2 processes on this machine's
 PostgreSQL, each with its own connection of the one component JID) runs too, and direct
 mode (the plugin's notifies for users among 20,000 registrations, in SQLite and in
-PostgreSQL, counted at the APNs sink), each PostgreSQL part unless PostgreSQL cannot be
-reached, which the results file then says.
+PostgreSQL, counted at the APNs sink; then delegated enables of new users, enables again
+and disables, each answered `result` and seen in the rows), each PostgreSQL part unless
+PostgreSQL cannot be reached, which the results file then says.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 PUBLISHES = 300
 DIRECT_ROWS = 20_000
+ENABLES = 150
+WARMUP = 50
 
 
 def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: Path) -> None:
@@ -33,7 +36,9 @@ def test_quick_benchmark_answers_every_publish_and_writes_its_figures(tmp_path: 
             "--publishes",
             str(PUBLISHES),
             "--warmup",
-            "50",
+            str(WARMUP),
+            "--enables",
+            str(ENABLES),
             "--paced-seconds",
             "1",
             "--no-baseline",
@@ -137,3 +142,34 @@ def _check_direct_mode(results: dict[str, Any]) -> None:
         loaded = run["registrations"]
         assert loaded["rows"] == DIRECT_ROWS
         assert loaded["marker"]["rows"] == DIRECT_ROWS
+    _check_enables(direct["enable"], set(runs))
+
+
+def _check_enables(enable: dict[str, Any], backends: set[str]) -> None:
+    """Every delegated enable and disable answered `result`, and the rows show it: new
+    users' rows written, loaded ones written again, the table back as loaded."""
+    assert (enable["count"], enable["warmup"]) == (ENABLES, WARMUP)
+    assert {run["backend"] for run in enable["runs"]} == backends
+    for run in enable["runs"]:
+        phases = {phase["phase"]: phase for phase in run["phases"]}
+        assert list(phases) == ["enable_new", "enable_again", "disable"]
+        for name, phase in phases.items():
+            assert phase["sent"] == phase["answered"] == phase["results"] == ENABLES, phase
+            assert phase["errors"] == {}
+            assert phase["unanswered"] == phase["unexpected"] == 0
+            assert not phase["stalled"]
+            assert phase["iqs_per_s"] > 0
+            assert 0 <= phase["latency_ms"]["p50"] <= phase["latency_ms"]["p99"] < 30_000
+            assert phase["component"]["cpu_us_per_iq"] > 0
+            assert phase["rows"]["as_expected"], phase["rows"]
+            arms = (phase["plugin_arms"], phase["plugin_disarms"])
+            assert arms == ((0, ENABLES) if name == "disable" else (ENABLES, 0))
+        rows = [phase["rows"] for phase in phases.values()]
+        assert [row["table_after"] for row in rows] == [
+            DIRECT_ROWS + ENABLES,
+            DIRECT_ROWS + ENABLES,
+            DIRECT_ROWS,
+        ]
+        assert rows[0]["users_written"] == rows[1]["users_written"] == ENABLES
+        assert (run["rows_after_run"], run["removed_after_run"]) == (DIRECT_ROWS, 0)
+        assert run["exit_code"] == 0
