@@ -187,6 +187,28 @@ async def test_windows_opened_at_different_times_each_end_on_their_own_time() ->
     assert len(rig.provider.pushes) == 4
 
 
+async def test_a_burst_that_goes_on_keeps_one_window_timer() -> None:
+    rig = Rig(coalesce_window=0.05)
+    await rig.register("n1", resource="phone")
+
+    def window_timers() -> int:
+        scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+        return sum(
+            1
+            for handle in scheduled
+            if not handle.cancelled()
+            and getattr(handle._callback, "__func__", None) is Waker._windows_due
+        )
+
+    for _ in range(60):  # a message every 10 ms for 0.6 s: a dozen windows end
+        await rig.waker.wake(event(SessionState.HIBERNATED, resource="phone"))
+        await asyncio.sleep(0.01)
+    assert len(rig.provider.pushes) >= 8
+    assert window_timers() == 1
+    await rig.waker.close()
+    assert window_timers() == 0
+
+
 async def test_a_message_after_a_quiet_window_starts_a_new_burst() -> None:
     rig = Rig(coalesce_window=0.05)
     await rig.register("n1", resource="phone")

@@ -245,17 +245,20 @@ class Waker:
             self._window_timer = loop.call_at(due, self._windows_due)
 
     def _windows_due(self) -> None:
-        self._window_timer = None
+        # The timer that runs this stays set while windows end, so that a window opened
+        # by `_window_ended` schedules no second timer; whatever happens, exactly one is
+        # left for the next end.
         loop = asyncio.get_running_loop()
         ends = self._window_ends
         # asyncio may run a timer up to its clock's resolution early: a millisecond of
         # slack keeps this from rescheduling itself for the same instant.
         horizon = loop.time() + 0.001
-        while ends and ends[0][0] <= horizon:
-            _, registration_id = ends.popleft()
-            self._window_ended(registration_id)  # may open a new window: a later end
-        if ends:
-            self._window_timer = loop.call_at(ends[0][0], self._windows_due)
+        try:
+            while ends and ends[0][0] <= horizon:
+                _, registration_id = ends.popleft()
+                self._window_ended(registration_id)  # may open a new window: a later end
+        finally:
+            self._window_timer = loop.call_at(ends[0][0], self._windows_due) if ends else None
 
     def _window_ended(self, registration_id: int) -> None:
         burst = self._bursts.get(registration_id)
