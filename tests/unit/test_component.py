@@ -92,6 +92,23 @@ async def test_stanzas_in_the_same_read_as_the_handshake_are_answered(
     await component.close()
 
 
+async def test_a_stanza_begun_in_the_stream_headers_read_is_not_lost() -> None:
+    # No XEP-0114 server sends more than its header before the handshake; a server
+    # that did must still lose nothing when slixmpp's loop hands over mid-stanza.
+    component = PushComponent(ComponentSettings(jid="push.localhost", secret=SECRET), Recorder())
+    seen: list[str | None] = []
+    component.start_stream_handler = lambda _root: None  # type: ignore[method-assign]
+    component._spawn_event = lambda xml: seen.append(xml.get("id"))  # type: ignore[method-assign]
+    component.init_parser()
+    component.data_received(
+        b"<stream:stream xmlns='jabber:component:accept' "
+        b"xmlns:stream='http://etherx.jabber.org/streams' id='s1'>"
+        b"<iq id='a'/><iq id='b'><query xmlns='q'>"
+    )
+    component.data_received(b"</query></iq><iq id='c'/>")
+    assert seen == ["a", "b", "c"]
+
+
 async def test_disco_info_names_a_push_service_and_echoes_the_node(
     server: FakeXmppServer,
 ) -> None:

@@ -128,6 +128,8 @@ class PushComponent(ComponentXMPP):
         self._requests: dict[str, asyncio.Future[Element]] = {}
         self._request_ids = itertools.count(1)
         self._routes: dict[tuple[str, str], StanzaHandler] = {}
+        self._unreadable = False
+        """Set when the server sent bytes that are not XML, until the next connection."""
         self.add_handler("xmpp-push publish", "iq", f"{{{NS_PUBSUB}}}pubsub", self._on_pubsub_iq)
         self.add_handler(
             "xmpp-push disco#info", "iq", f"{{{NS_DISCO_INFO}}}query", self._on_disco_info
@@ -138,6 +140,11 @@ class PushComponent(ComponentXMPP):
         self.add_event_handler("connection_failed", self._on_connection_failed)
 
     # -- link ---------------------------------------------------------------------
+
+    def init_parser(self) -> None:
+        """A new parser for each connection (slixmpp), and reading allowed again."""
+        super().init_parser()
+        self._unreadable = False
 
     def data_received(self, data: bytes | str) -> None:
         """Cut the stanzas out of what the server sent, once the stream is open.
@@ -150,11 +157,15 @@ class PushComponent(ComponentXMPP):
         is complete when the last event is its end. Complete stanzas leave the root
         (nothing piles up) and go to `_spawn_event` in order, as with slixmpp.
 
-        The stream header and a parser without the private attributes (`_can_peek`)
-        take slixmpp's way."""
+        The stream header (until slixmpp's loop has seen every stanza it started to
+        its end) and a parser without the private attributes (`_can_peek`) take
+        slixmpp's way. After bytes that are not XML, nothing more is read from this
+        connection: the parser stays broken, and one stream error was enough."""
+        if self._unreadable:
+            return
         parser = self.parser
         root = self.xml_root
-        if root is None or not _can_peek(parser):
+        if root is None or self.xml_depth != 1 or not _can_peek(parser):
             super().data_received(data)
             return
         pull = cast(Any, parser)
@@ -162,6 +173,13 @@ class PushComponent(ComponentXMPP):
         failure: ParseError | None = None
         try:
             pull._parser.feed(data)
+            # expat 2.6 and later may hold back the end of a tag that came in pieces
+            # until more data arrives ("reparse deferral"); with a quiet server that
+            # would leave a complete stanza unread. flush() (Python 3.13, and the
+            # releases that took the expat 2.6 fixes) reads what it holds back.
+            flush = getattr(pull._parser, "flush", None)
+            if flush is not None:
+                flush()
         except ParseError as error:
             failure = error
         if events:
@@ -186,7 +204,9 @@ class PushComponent(ComponentXMPP):
         """Bytes that are not XML: a `not-well-formed` stream error, then the link
         closes (and reconnects as after any drop). Written by hand: slixmpp 1.17's own
         StreamError comes out as `<stream:stream:error>`, itself not well-formed."""
-        log.error("stream_not_well_formed", error=str(failure), received=repr(data[:200]))
+        # Not the bytes themselves: they may hold a device token or a message body.
+        log.error("stream_not_well_formed", error=str(failure), received_bytes=len(data))
+        self._unreadable = True
         self._send_xml(
             "<stream:error><not-well-formed xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
             "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>"
