@@ -594,6 +594,31 @@ async def test_a_connection_lost_mid_flight_is_transient_then_recovers(
     assert fcm.requests[-1].status == 200
 
 
+async def test_a_send_waiting_for_a_full_socket_fails_at_once_when_the_connection_dies(
+    fcm: FcmStandIn, tmp_path: Path
+) -> None:
+    provider = FcmProvider(
+        service_account_file=str(fcm.service_account_file),
+        endpoint=fcm.endpoint,
+        ca_file=str(fcm.ca_file),
+        request_timeout=10.0,
+        connections=1,
+    )
+    await provider.send(make_push())
+    [connection] = [c for c in provider._pool._slots if c is not None]
+    connection.pause_writing()  # what asyncio does when the socket's buffer is full
+    waiting = asyncio.create_task(provider.send(make_push()))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await fcm.drop_connections()
+    [lost] = await asyncio.gather(waiting, return_exceptions=True)
+    await provider.aclose()
+
+    assert isinstance(lost, DeliveryError)
+    assert (lost.category, lost.reason) == (ErrorCategory.TRANSIENT, "connection_lost")
+    assert time.monotonic() - started < 2.0, "not after its 10 s deadline"
+
+
 async def test_sends_lost_to_goaways_are_retried_and_delivered_never_dropped(
     fcm: FcmStandIn, provider: FcmProvider
 ) -> None:

@@ -287,6 +287,7 @@ class Connection(asyncio.Protocol):
                 stream.future.set_exception(RequestFailed(reason, cause))
         self._streams.clear()
         self._fail_waiters(reason, cause)
+        self._writable.set()  # a request waiting for the socket to drain fails now
         for future in (self._settings_seen, self._ready):
             if not future.done():
                 future.set_exception(RequestFailed(reason, cause))
@@ -532,7 +533,9 @@ class Connection(asyncio.Protocol):
         self._wake_waiters()
 
     def _on_goaway(self, event: GoAway) -> None:
-        self._log.warning(
+        # NO_ERROR is a server going away politely (a restart, an idle connection).
+        level = self._log.info if event.error_code == ErrorCode.NO_ERROR else self._log.warning
+        level(
             self._prefix + "goaway",
             error_code=_error_name(event.error_code),
             last_stream_id=event.last_stream_id,

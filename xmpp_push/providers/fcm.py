@@ -350,8 +350,12 @@ class FcmProvider:
         ca_file: str | None = None,
         request_timeout: float = 10.0,
         connections: int = 2,
-        idle_ping_interval: float = 60.0,
+        idle_ping_interval: float = 300.0,
     ) -> None:
+        # Five minutes, not APNs's one: Google's front ends have answered frequent PINGs
+        # on idle connections with GOAWAY ENHANCE_YOUR_CALM "too_many_pings" (gRPC's
+        # default policy allows one per 5 min without data). A connection the network
+        # dropped meanwhile costs one timed-out send, which is retried.
         if request_timeout <= 0:
             raise ValueError("[fcm] request_timeout must be positive")
         if connections < 1:
