@@ -251,7 +251,10 @@ def freeze_startup_objects() -> None:
     load (a publish allocates a few hundred objects, hundreds are in flight) full
     collections came often enough to cost a fifth of the CPU of an APNs publish
     (docs/performance.md, "Garbage collection"). Objects made later are collected as
-    usual; reference counting frees almost all of them anyway."""
+    usual; reference counting frees almost all of them anyway. The price: a frozen
+    object that later becomes cyclic garbage (a start-up connection of the store that a
+    database restart discards, say) is never collected; that is bounded by what
+    existed at start."""
     gc.collect()
     gc.freeze()
     log.debug("startup_objects_frozen", count=gc.get_freeze_count())
