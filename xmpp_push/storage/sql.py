@@ -14,6 +14,9 @@ and why (docs/storage.md says the same for operators):
 * **Reads** go through connections the store holds open in autocommit mode: no
   checkout per lookup, and no BEGIN ... ROLLBACK around each one, which SQLAlchemy's
   asyncpg dialect otherwise adds (PROTOCOLS.md §8 measured it at half the speed).
+  On SQLite and PostgreSQL they also skip SQLAlchemy's per-execution work: the
+  SELECTs, compiled once, run on sqlite3 connections in the store's reader threads
+  and as asyncpg prepared statements (see "reads" below; MySQL keeps SQLAlchemy's).
 * **The lookup cache** (`for_owner`, the per-push hot path) exists on PostgreSQL only.
   Every write calls `pg_notify('xmpp_push_registrations', owner)` inside its
   transaction, so every process listening, this one included, drops that owner at
@@ -34,17 +37,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import random
+import sqlite3
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -96,6 +103,10 @@ that hangs must surface as an error, not as pushes that never end."""
 _SQLITE_BUSY_SECONDS = 10.0
 """How long a write waits for another process's write lock (shorter than the above,
 so that the caller hears "database is locked" rather than a bare timeout)."""
+_SQLITE_READER_THREADS = 2
+"""Threads (each with its connection) that SQLite reads run in; see _SqliteReaders.
+Two gave ~10% more direct-mode pushes/s than one, at ~13% less CPU per push (bench/run
+--quick, four runs each)."""
 _LISTENER_CHECK_SECONDS = 15.0
 """How often the listener connection is pinged: a connection that dies without a word
 (a network partition) must not keep the cache alive for long."""
@@ -188,6 +199,8 @@ _COLUMNS = (
 )
 
 _SELECT = sa.select(*_COLUMNS)
+_Read: TypeAlias = sa.Select[*tuple[Any, ...]]
+"""What the read path runs: one of the SELECTs below."""
 _BY_OWNER = _SELECT.where(_t.owner == sa.bindparam("owner")).order_by(_t.id)
 _BY_ID = _SELECT.where(_t.id == sa.bindparam("id"))
 _ALL = _SELECT.order_by(_t.id)
@@ -552,34 +565,105 @@ class _Listener:
         self._cache.invalidate(owner)
 
 
-# --------------------------------------------------------------------------- connections
+# --------------------------------------------------------------------------- reads
+#
+# Every read is a SELECT the store builds once (`_BY_OWNER`, `_BY_ID`, `_ALL`, `_COUNT`),
+# and the per-push lookup is most of a direct-mode push's CPU. So reads skip what
+# SQLAlchemy does per execution (compile cache lookup, cursor wrapper, result
+# processing, and through aiosqlite four trips to its thread per SELECT) and run each
+# statement's SQL, compiled once by the engine's own dialect, on the driver: a
+# stdlib sqlite3 connection in a reader thread (one thread hop per read), an asyncpg
+# prepared statement. MySQL keeps SQLAlchemy's path. Rows come back as tuples (asyncpg:
+# Records) in `_COLUMNS` order, with the types `_registration` takes from any driver.
 
 
-class _Readers:
-    """Connections held open in autocommit mode for reads, handed out one task at a
-    time, first come first served. A connection that fails is dropped and reopened on
-    next use; a read that failed because the connection had died is tried once more on
-    a fresh one.
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A read's SQL as its dialect sends it, and the order its parameters go in."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(params[name] for name in self.names)
+
+
+class _CompiledReads:
+    """Each read statement compiled once for one dialect: the text SQLAlchemy itself
+    would send (asyncpg's `$1::VARCHAR` casts included), with positional parameters."""
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        self._dialect = dialect
+        self._compiled: dict[_Read, _Compiled] = {}
+
+    def __getitem__(self, statement: _Read) -> _Compiled:
+        found = self._compiled.get(statement)
+        if found is None:
+            compiled = statement.compile(dialect=self._dialect)
+            if not compiled.positional or compiled.post_compile_params:
+                raise AssertionError(f"not a plain positional statement: {compiled}")
+            found = _Compiled(compiled.string, tuple(compiled.positiontup or ()))
+            self._compiled[statement] = found
+        return found
+
+
+class _ReadPath:
+    """How a store reads: `rows` of one of its SELECTs, bounded by the operation
+    timeout; a connection that died is replaced and the read tried once more."""
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def rows(self, statement: _Read, params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+C = TypeVar("C")
+
+
+class _Readers(_ReadPath, Generic[C]):
+    """Connections held open for reads, handed out one task at a time, first come first
+    served. A connection that fails is dropped and reopened on next use; a read that
+    failed because the connection had died is tried once more on a fresh one.
 
     Hand-off is strictly FIFO: with a plain asyncio.Queue the task that returns a
     connection takes it straight back before the woken waiter runs, and under load some
     lookups waited seconds while one task did all the work (bench/registrations.py
-    measured a 3.7 s max at 8 tasks; FIFO brings it to a few milliseconds)."""
+    measured a 3.7 s max at 8 tasks; FIFO brings it to a few milliseconds).
+
+    Subclasses say how a connection is opened, read on, dropped and closed."""
 
     def __init__(self, engine: AsyncEngine, size: int) -> None:
         self._engine = engine
-        self._idle: asyncio.Queue[AsyncConnection | None] = asyncio.Queue()
-        self._waiters: collections.deque[asyncio.Future[AsyncConnection | None]] = (
-            collections.deque()
-        )
+        self._idle: asyncio.Queue[C | None] = asyncio.Queue()
+        self._waiters: collections.deque[asyncio.Future[C | None]] = collections.deque()
         for _ in range(size):
             self._idle.put_nowait(None)
         self._size = size
 
-    async def _take(self) -> AsyncConnection | None:
+    async def _connect(self) -> C:
+        raise NotImplementedError
+
+    async def _fetch(
+        self, connection: C, statement: _Read, params: Mapping[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        """Raises sa.exc.DBAPIError, with `connection_invalidated` if the connection died."""
+        raise NotImplementedError
+
+    async def _drop(self, connection: C) -> None:
+        """Forget a connection that failed or may be out of step, best effort."""
+        raise NotImplementedError
+
+    async def _close(self, connection: C) -> None:
+        raise NotImplementedError
+
+    async def _take(self) -> C | None:
         if not self._waiters and not self._idle.empty():
             return self._idle.get_nowait()
-        waiter: asyncio.Future[AsyncConnection | None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[C | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             return await waiter
@@ -591,7 +675,7 @@ class _Readers:
                     self._waiters.remove(waiter)
             raise
 
-    def _give(self, connection: AsyncConnection | None) -> None:
+    def _give(self, connection: C | None) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -610,9 +694,7 @@ class _Readers:
         for connection in opened:
             self._idle.put_nowait(connection)
 
-    async def rows(
-        self, statement: sa.Executable, params: Mapping[str, Any]
-    ) -> Sequence[Sequence[Any]]:
+    async def rows(self, statement: _Read, params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
         async with asyncio.timeout(_OPERATION_TIMEOUT_SECONDS):
             connection = await self._take()
             try:
@@ -620,8 +702,7 @@ class _Readers:
                     if connection is None:
                         connection = await self._connect()
                     try:
-                        result = await connection.execute(statement, params)
-                        return result.all()
+                        return await self._fetch(connection, statement, params)
                     except sa.exc.DBAPIError as exc:
                         await self._drop(connection)
                         connection = None
@@ -640,33 +721,249 @@ class _Readers:
         for _ in range(self._size):
             connection = await self._take()
             if connection is not None:
-                await connection.close()
+                await self._close(connection)
+
+
+class _SqlAlchemyReaders(_Readers[AsyncConnection]):
+    """MySQL/MariaDB: SQLAlchemy connections in autocommit mode (no BEGIN ... ROLLBACK
+    around each SELECT)."""
 
     async def _connect(self) -> AsyncConnection:
         connection = await self._engine.connect()
         return await connection.execution_options(isolation_level="AUTOCOMMIT")
 
-    @staticmethod
-    async def _drop(connection: AsyncConnection | None) -> None:
+    async def _fetch(
+        self, connection: AsyncConnection, statement: _Read, params: Mapping[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        result = await connection.execute(statement, params)
+        return result.all()
+
+    async def _drop(self, connection: AsyncConnection) -> None:
+        await _invalidate(connection)
+
+    async def _close(self, connection: AsyncConnection) -> None:
+        await connection.close()
+
+
+@dataclass(slots=True, eq=False)
+class _AsyncpgReader:
+    """A read connection of the pool and, under it, the asyncpg connection the reads
+    run on, with the statements prepared on it so far (by SQL text)."""
+
+    connection: AsyncConnection
+    driver: Any  # asyncpg.Connection (asyncpg is an optional dependency)
+    prepared: dict[str, Any] = field(default_factory=dict)  # asyncpg PreparedStatement
+
+
+class _AsyncpgReaders(_Readers[_AsyncpgReader]):
+    """PostgreSQL: each read is an asyncpg prepared statement run on the driver
+    connection under a pooled SQLAlchemy one (autocommit: asyncpg sends no BEGIN).
+    A cache miss of `for_owner` cost 165-185 µs of CPU through SQLAlchemy, 70-80 µs
+    this way, of which the prepared statement alone is 45-50 µs."""
+
+    def __init__(self, engine: AsyncEngine, size: int) -> None:
+        super().__init__(engine, size)
+        self._reads = _CompiledReads(engine.dialect)
+
+    async def _connect(self) -> _AsyncpgReader:
+        connection = await self._engine.connect()
+        try:
+            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            raw = await connection.get_raw_connection()
+        except BaseException:
+            await _invalidate(connection)
+            raise
+        return _AsyncpgReader(connection, raw.driver_connection)
+
+    async def _fetch(
+        self, reader: _AsyncpgReader, statement: _Read, params: Mapping[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        compiled = self._reads[statement]
+        args = compiled.args(params)
+        try:
+            prepared = reader.prepared.get(compiled.sql)
+            if prepared is None:
+                prepared = await reader.driver.prepare(compiled.sql)
+                reader.prepared[compiled.sql] = prepared
+            rows: Sequence[Sequence[Any]] = await prepared.fetch(*args)
+        except Exception as exc:  # asyncpg's own exceptions, not importable here
+            # What SQLAlchemy's asyncpg dialect calls a disconnect (is_disconnect).
+            dead: bool = reader.driver.is_closed()
+            raise sa.exc.DBAPIError.instance(
+                compiled.sql, args, exc, Exception, connection_invalidated=dead
+            ) from exc
+        return rows
+
+    async def _drop(self, reader: _AsyncpgReader) -> None:
+        await _invalidate(reader.connection)
+
+    async def _close(self, reader: _AsyncpgReader) -> None:
+        await reader.connection.close()
+
+
+async def _invalidate(connection: AsyncConnection) -> None:
+    try:
+        await connection.invalidate()
+        await connection.close()
+    except Exception as exc:  # closing a broken connection is best effort
+        log.debug("dropping a read connection failed", error=str(exc))
+
+
+class _SqliteReaders(_ReadPath):
+    """SQLite: each read runs whole (execute and fetchall) on a stdlib sqlite3
+    connection in a reader thread the store owns, one hop there and back per read.
+
+    Through SQLAlchemy and aiosqlite a SELECT took four trips to aiosqlite's thread
+    (cursor, execute, fetchall, close), each waking the event loop: a lookup cost
+    400-550 µs of CPU where the SELECT itself is ~10 µs; one hop brings it to
+    135-185 µs (docs/storage.md, "How reads work"). The executor's queue is the FIFO
+    hand-off: reads run in the order they were asked for, and the thread goes from one
+    to the next without waiting for the event loop.
+
+    Each thread keeps its own connection, opened with the URL's arguments like the
+    engine's, WAL and synchronous as `_sqlite_pragmas` sets them, and query_only: it
+    never writes. In autocommit, every SELECT is a read transaction of its own that
+    sees every commit before it, this process's writer's or another process's.
+
+    A read that fails is retried once on a fresh connection (except when the database
+    was busy, which waiting again does not cure). A read cancelled or timed out is
+    abandoned, not interrupted: if it had started, the thread finishes it (a lookup
+    is an index probe) and drops the answer."""
+
+    def __init__(self, engine: AsyncEngine, threads: int) -> None:
+        connect_args, connect_kwargs = engine.dialect.create_connect_args(engine.url)
+        self._connect_args: list[Any] = list(connect_args)
+        self._connect_kwargs: dict[str, Any] = {
+            **connect_kwargs,
+            "timeout": _SQLITE_BUSY_SECONDS,
+            "isolation_level": None,
+            # Opened and used in one reader thread; closed from another once they stop.
+            "check_same_thread": False,
+        }
+        self._reads = _CompiledReads(engine.dialect)
+        self._threads = threads
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="xmpp-push sqlite reader"
+        )
+        self._local = threading.local()
+        self._opened: set[sqlite3.Connection] = set()
+        self._opened_lock = threading.Lock()
+        self._closed = False
+
+    async def open(self) -> None:
+        # Every thread and its connection now: a file that cannot be read fails
+        # open_store, and no early lookup waits for a thread to start and connect (an
+        # executor starts a thread for each job submitted while none is idle, and the
+        # barrier keeps each job in a thread of its own).
+        started = threading.Barrier(self._threads)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(self._executor, self._first_connection, started)
+                for _ in range(self._threads)
+            )
+        )
+
+    async def rows(self, statement: _Read, params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
+        compiled = self._reads[statement]
+        read = functools.partial(self._fetch, compiled.sql, compiled.args(params))
+        async with asyncio.timeout(_OPERATION_TIMEOUT_SECONDS):
+            return await asyncio.get_running_loop().run_in_executor(self._executor, read)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._shut_down)
+
+    # -- in a reader thread --------------------------------------------------------
+
+    def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        for attempt in (1, 2):
+            try:
+                connection = self._connection()
+                return connection.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                self._discard()
+                # Errors of the sqlite3 module itself (a closed connection) have no code.
+                busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+                if attempt == 2 or busy:
+                    raise sa.exc.DBAPIError.instance(
+                        sql, args, exc, sqlite3.Error, connection_invalidated=True
+                    ) from exc
+                log.debug("sqlite read retried on a new connection", error=str(exc))
+        raise AssertionError("unreachable")
+
+    def _first_connection(self, started: threading.Barrier) -> None:
+        started.wait(_CONNECT_TIMEOUT_SECONDS)
+        try:
+            self._connection()
+        except sqlite3.Error as exc:
+            raise sa.exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is not None:
+            return connection
+        connection = sqlite3.connect(*self._connect_args, **self._connect_kwargs)
+        try:
+            journal_mode = _sqlite_pragmas(connection)
+            if journal_mode != "wal":
+                raise sqlite3.OperationalError(
+                    f"the database is in journal mode {journal_mode!r}, not WAL"
+                    " (is another program holding it?)"
+                )
+            connection.execute("PRAGMA query_only = ON")
+        except BaseException:
+            connection.close()
+            raise
+        with self._opened_lock:
+            self._opened.add(connection)
+        self._local.connection = connection
+        return connection
+
+    def _discard(self) -> None:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        self._local.connection = None
         if connection is None:
             return
-        try:
-            await connection.invalidate()
-            await connection.close()
-        except Exception as exc:  # closing a broken connection is best effort
-            log.debug("dropping a read connection failed", error=str(exc))
+        with self._opened_lock:
+            self._opened.discard(connection)
+        with contextlib.suppress(sqlite3.Error):
+            connection.close()
+
+    # -- in a thread of the event loop's default executor --------------------------
+
+    def _shut_down(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._opened_lock:
+            connections, self._opened = self._opened, set()
+        for connection in connections:
+            connection.close()
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def _sqlite_pragmas(dbapi_connection: Any) -> str:
+    """Set a new connection up (the writer's and the readers'); its journal mode."""
+    # WAL: readers do not block the writer nor the writer them; NORMAL is durable
+    # across application crashes in WAL mode.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        (journal_mode,) = cursor.fetchone()
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+    return str(journal_mode).lower()
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
     # Let SQLAlchemy's "begin" event below decide when a transaction starts, instead
     # of sqlite3's legacy implicit BEGIN before DML only.
     dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    # WAL: readers do not block the writer nor the writer them; NORMAL is durable
-    # across application crashes in WAL mode.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+    _sqlite_pragmas(dbapi_connection)
 
 
 def _sqlite_on_begin(connection: Connection) -> None:
@@ -763,7 +1060,13 @@ class SqlStore:
     ) -> None:
         self._engine = engine
         self._backend = backend
-        self._readers = _Readers(engine, read_connections)
+        self._readers: _ReadPath
+        if backend == "sqlite":
+            self._readers = _SqliteReaders(engine, read_connections)
+        elif backend == "postgresql":
+            self._readers = _AsyncpgReaders(engine, read_connections)
+        else:
+            self._readers = _SqlAlchemyReaders(engine, read_connections)
         self._cache = cache
         self._listener_engine = listener_engine
         self._listener = (
@@ -1122,11 +1425,11 @@ async def open_store(
 ) -> SqlStore:
     """Open the registration database at `url` (a `[storage] url`).
 
-    `pool_size` connections are kept open (at least 2; SQLite always uses 2: one
-    reader, one writer, since SQLite writes one at a time); PostgreSQL adds one for
-    the cache listener. `cache_size` bounds the owners cached (PostgreSQL only); 0
-    turns the cache and its listener off, for short-lived processes such as the CLI
-    (whose writes still notify the others).
+    `pool_size` connections are kept open (at least 2; SQLite ignores it: one writer,
+    since SQLite writes one at a time, and a connection in each of its reader
+    threads); PostgreSQL adds one for the cache listener. `cache_size` bounds the
+    owners cached (PostgreSQL only); 0 turns the cache and its listener off, for
+    short-lived processes such as the CLI (whose writes still notify the others).
 
     Raises SchemaOutOfDate when the schema is not at HEAD and `migrate` does not allow
     upgrading it, StorageUnavailable when the database cannot be reached, StorageError
@@ -1146,11 +1449,12 @@ async def open_store(
         await migrations.upgrade(url)
 
     if backend == "sqlite":
-        readers, writers = 1, 1
+        readers, writers = _SQLITE_READER_THREADS, 1
     else:
         readers = max(1, pool_size // 2)
         writers = max(1, pool_size - readers)
-    engine = _engine(url, backend, readers + writers)
+    # SQLite's readers are connections of their own, not the engine's.
+    engine = _engine(url, backend, writers if backend == "sqlite" else readers + writers)
     cache: _OwnerCache | None = None
     listener_engine: AsyncEngine | None = None
     if backend == "postgresql" and cache_size > 0:
