@@ -337,10 +337,15 @@ _CLIENT_COLUMNS = (
 )
 
 
-def _upsert(backend: str, values: dict[str, Any]) -> sa.Executable:
-    """INSERT, or UPDATE the row with the same key_hash, atomically."""
+@functools.cache
+def _upsert(backend: str) -> sa.Executable:
+    """INSERT, or UPDATE the row with the same key_hash, atomically; executed with the
+    row's values (`_enable_values`) as parameters.
+
+    Built once per backend: building it (`excluded` makes an alias of every column)
+    cost 0.4-0.5 ms of CPU per enable, more than the database's work."""
     if backend == "mysql":
-        my_insert = mysql_dialect.insert(registrations).values(values)
+        my_insert = mysql_dialect.insert(registrations)
         new = my_insert.inserted
         # MySQL applies ON DUPLICATE KEY assignments left to right, each seeing the
         # ones before: the device comparison must come before target/token change.
@@ -355,11 +360,11 @@ def _upsert(backend: str, values: dict[str, Any]) -> sa.Executable:
         return my_insert.on_duplicate_key_update(assignments)
 
     if backend == "postgresql":
-        pg_insert = postgresql_dialect.insert(registrations).values(values)
+        pg_insert = postgresql_dialect.insert(registrations)
         return pg_insert.on_conflict_do_update(
             index_elements=[_t.key_hash], set_=_on_conflict(pg_insert.excluded)
         )
-    lite_insert = sqlite_dialect.insert(registrations).values(values)
+    lite_insert = sqlite_dialect.insert(registrations)
     return lite_insert.on_conflict_do_update(
         index_elements=[_t.key_hash], set_=_on_conflict(lite_insert.excluded)
     )
@@ -1166,13 +1171,13 @@ class SqlStore:
         if max_per_owner < 1:
             raise ValueError(f"max_per_owner must be at least 1, got {max_per_owner}")
         values = _enable_values(request, _micros(now))
-        upsert = _upsert(self._backend, values)
+        upsert = _upsert(self._backend)
 
         async def work(connection: AsyncConnection, touched: set[str]) -> EnableOutcome:
             owner = request.owner
             touched.add(owner)
             await self._lock_owner(connection, owner)
-            await connection.execute(upsert)
+            await connection.execute(upsert, values)
             rows = await self._locked(connection, _t.owner == owner)
             mine = [row for row in rows if row.owner == owner]
             current = next(
