@@ -124,8 +124,10 @@ class _Burst:
     """Notifications for one registration whose push window is still open."""
 
     registration: Registration
-    event: WakeEvent
-    """The latest one: its content goes in the trailing push."""
+    event: WakeEvent | None
+    """The latest one since the last push: its content goes in the trailing push. None
+    while nothing is pending, so that the thousands of windows a busy server keeps
+    open hold no message body they will never send."""
     count: int
     """Messages of the whole burst: the badge."""
     pending: int = 0
@@ -223,7 +225,7 @@ class Waker:
         """The push to send now, or None when `event` joins an open window."""
         burst = self._bursts.get(registration.id)
         if burst is None:
-            burst = _Burst(registration=registration, event=event, count=event.count)
+            burst = _Burst(registration=registration, event=None, count=event.count)
             self._bursts[registration.id] = burst
             self._schedule_window_end(registration.id)
             return self._push(registration, event, event.count, alert)
@@ -264,15 +266,17 @@ class Waker:
         burst = self._bursts.get(registration_id)
         if burst is None:
             return
-        if burst.pending == 0:
+        event = burst.event
+        if burst.pending == 0 or event is None:
             del self._bursts[registration_id]
             return
         # One push for what arrived during the window, then a new window: a burst that
         # goes on makes one push per window, never one per message.
         burst.pending = 0
+        burst.event = None
         alert, burst.alert = burst.alert, False
         self._schedule_window_end(registration_id)
-        self._spawn(self._push(burst.registration, burst.event, burst.count, alert))
+        self._spawn(self._push(burst.registration, event, burst.count, alert))
 
     def _spawn(self, push: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(push)
@@ -287,7 +291,7 @@ class Waker:
             self._window_timer = None
         self._window_ends.clear()
         for registration_id, burst in list(self._bursts.items()):
-            if burst.pending:
+            if burst.pending and burst.event is not None:
                 self._spawn(self._push(burst.registration, burst.event, burst.count, burst.alert))
             del self._bursts[registration_id]
         if self._trailing:
