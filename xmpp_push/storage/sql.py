@@ -45,6 +45,7 @@ import importlib.util
 import json
 import random
 import sqlite3
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -241,6 +242,13 @@ def token_hash(token: str) -> str:
     return _sha256(token)
 
 
+def _options(text: str) -> dict[str, str]:
+    """The stored publish-options. The field names (`service`, `device_id`, `secret`,
+    ...) are the same few in every row: one shared string each, instead of a copy per
+    cached row, keeps a 10,000-user cache about 2 MiB smaller."""
+    return {sys.intern(name): value for name, value in json.loads(text).items()}
+
+
 def _registration(row: Sequence[Any]) -> Registration:
     (
         id_,
@@ -285,7 +293,7 @@ def _registration(row: Sequence[Any]) -> Registration:
         secret=secret,
         # A plain dict, as from MemoryStore (dataclasses.asdict and pickle cannot copy
         # a read-only mapping). Cached rows are shared: callers must not mutate it.
-        options=json.loads(options),
+        options=_options(options),
         created_at=_seconds(created_at),
         updated_at=_seconds(updated_at),
         last_success_at=_optional_seconds(last_success_at),
