@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -43,8 +43,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -55,10 +53,11 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import H2Error, ProtocolError
-from h2.settings import SettingCodes, Settings
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
 
 from tests.standins.cli import serve_until_signal
+from tests.standins.h2server import Incoming, ServerConnection
 from tests.standins.tlsca import ServerCertificate, TestCA
 
 __all__ = ["ApnsRequest", "ApnsStandIn", "Reply", "main"]
@@ -141,36 +140,11 @@ class _JwtCheck:
     """The 403 reason if the token can never be valid (bad signature, kid, iss)."""
 
 
-@dataclass(slots=True)
-class _Incoming:
-    headers: list[tuple[bytes, bytes]]
-    body: bytearray = field(default_factory=bytearray)
-    size: int = 0
-
-
-class _ServerConnection(asyncio.Protocol):
+class _ServerConnection(ServerConnection):
     def __init__(self, server: ApnsStandIn, connection_id: int) -> None:
+        super().__init__()
         self._server = server
         self.connection_id = connection_id
-        self._transport: asyncio.Transport | None = None
-        self._h2 = H2Connection(
-            H2Configuration(
-                client_side=False,
-                header_encoding=None,
-                # Strict on what comes in (the stand-in is the client's examiner),
-                # fast on what goes out (our own answers are well-formed).
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
-        self._incoming: dict[int, _Incoming] = {}
-        self._outgoing: dict[int, memoryview] = {}
-        """Answer bodies waiting for the client's flow-control window."""
-        self._open_streams: set[int] = set()
-        """Streams not yet fully answered; only for `peak_concurrent_streams`."""
-        self._requests = 0
-        self._going_away = False
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -180,38 +154,17 @@ class _ServerConnection(asyncio.Protocol):
             transport.close()  # APNs speaks nothing but HTTP/2
             return
         self._server._connection_made(self)
-        # As initial values (not an update) so they hold from the first frame on.
-        self._h2.local_settings = Settings(
-            client=False,
-            initial_values={
+        self._start(
+            {
                 SettingCodes.MAX_CONCURRENT_STREAMS: self._server.max_concurrent_streams,
                 SettingCodes.INITIAL_WINDOW_SIZE: self._server.initial_window_size,
                 SettingCodes.MAX_HEADER_LIST_SIZE: 8192,
-            },
+            }
         )
-        self._h2.initiate_connection()
-        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server._connection_lost(self)
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _flush(self) -> None:
-        data = self._h2.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        self._lost()
 
     def data_received(self, data: bytes) -> None:
         if self._going_away:
@@ -225,8 +178,7 @@ class _ServerConnection(asyncio.Protocol):
             return
         for event in events:
             if isinstance(event, RequestReceived):
-                self._incoming[event.stream_id] = _Incoming(list(event.headers))
-                self._open_streams.add(event.stream_id)
+                self._request_opened(event.stream_id, list(event.headers))
                 self._server._stream_opened(len(self._open_streams))
             elif isinstance(event, DataReceived):
                 self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -240,9 +192,7 @@ class _ServerConnection(asyncio.Protocol):
                     return  # went away: h2 takes no further frames
             elif isinstance(event, StreamReset):
                 self._server.resets_received += 1
-                self._incoming.pop(event.stream_id, None)
-                self._outgoing.pop(event.stream_id, None)
-                self._open_streams.discard(event.stream_id)
+                self._forget(event.stream_id)
             elif isinstance(event, WindowUpdated):
                 self._pump_all()
             elif isinstance(event, PingReceived):
@@ -263,16 +213,7 @@ class _ServerConnection(asyncio.Protocol):
         answer = self._server._handle(self.connection_id, stream_id, incoming)
         if answer is not None:
             status, headers, body = answer
-            try:
-                self._h2.send_headers(stream_id, [(b":status", b"%d" % status), *headers], not body)
-                if body:
-                    self._outgoing[stream_id] = memoryview(body)
-                    self._pump(stream_id)
-            except H2Error:
-                # The client reset the stream in the same read that completed it.
-                self._outgoing.pop(stream_id, None)
-            if stream_id not in self._outgoing:
-                self._open_streams.discard(stream_id)
+            self._respond(stream_id, [(b":status", b"%d" % status), *headers], body)
         goaway_after = self._server.goaway_after_requests
         if goaway_after is not None and self._requests >= goaway_after:
             self._go_away(stream_id)
@@ -286,29 +227,6 @@ class _ServerConnection(asyncio.Protocol):
         )
         self._flush()
         self.close()
-
-    def _pump(self, stream_id: int) -> None:
-        body = self._outgoing[stream_id]
-        while body:
-            window = self._h2.local_flow_control_window(stream_id)
-            if window <= 0:
-                self._outgoing[stream_id] = body
-                return
-            size = min(window, self._h2.max_outbound_frame_size, len(body))
-            self._h2.send_data(stream_id, body[:size].tobytes(), end_stream=size == len(body))
-            body = body[size:]
-        del self._outgoing[stream_id]
-        self._open_streams.discard(stream_id)
-
-    def _pump_all(self) -> None:
-        for stream_id in list(self._outgoing):
-            try:
-                self._pump(stream_id)
-            except H2Error:
-                self._outgoing.pop(stream_id, None)
-                self._open_streams.discard(stream_id)
-            if self._h2.outbound_flow_control_window <= 0:
-                return
 
 
 class ApnsStandIn:
@@ -529,7 +447,7 @@ class ApnsStandIn:
     # -- the APNs behaviour -----------------------------------------------------------
 
     def _handle(
-        self, connection_id: int, stream_id: int, incoming: _Incoming
+        self, connection_id: int, stream_id: int, incoming: Incoming
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         pseudo: dict[str, str] = {}
         headers: dict[str, str] = {}

@@ -44,8 +44,6 @@ from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -55,11 +53,12 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import H2Error, ProtocolError
-from h2.settings import SettingCodes, Settings
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
 from multidict import CIMultiDict
 
 from tests.standins.cli import serve_until_signal
+from tests.standins.h2server import Incoming, ServerConnection
 from tests.standins.tlsca import TestCA
 
 __all__ = [
@@ -669,53 +668,26 @@ class _AlpnRouter(asyncio.Protocol):
         protocol.connection_made(transport)
 
 
-@dataclass(slots=True)
-class _Incoming:
-    headers: list[tuple[bytes, bytes]]
-    body: bytearray = field(default_factory=bytearray)
-
-
-class _Http2Connection(asyncio.Protocol):
+class _Http2Connection(ServerConnection):
     """One client connection speaking HTTP/2; each request is answered by its own task
     (a hanging answer holds up nothing else)."""
 
     def __init__(self, server: FcmStandIn) -> None:
+        super().__init__()
         self._server = server
         self.connection_id = 0
-        self._transport: asyncio.Transport | None = None
-        self._h2 = H2Connection(
-            H2Configuration(
-                client_side=False,
-                header_encoding=None,
-                # Strict on what comes in (the stand-in examines the client), fast on
-                # what goes out (our own answers are well-formed).
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
-        self._incoming: dict[int, _Incoming] = {}
         self._answering: dict[int, asyncio.Task[None]] = {}
-        self._outgoing: dict[int, memoryview] = {}
-        """Answer bodies waiting for the client's flow-control window."""
-        self._open_streams: set[int] = set()
-        self._requests = 0
-        self._going_away = False
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self.connection_id = self._server._connection_made(self)
-        # As initial values (not an update) so they hold from the first frame on.
-        self._h2.local_settings = Settings(
-            client=False,
-            initial_values={
+        self._start(
+            {
                 SettingCodes.MAX_CONCURRENT_STREAMS: self._server.max_concurrent_streams,
                 SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
-            },
+            }
         )
-        self._h2.initiate_connection()
-        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._going_away = True
@@ -723,24 +695,7 @@ class _Http2Connection(asyncio.Protocol):
             task.cancel()
         self._answering.clear()
         self._server._connection_lost(self)
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _flush(self) -> None:
-        data = self._h2.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        self._lost()
 
     def data_received(self, data: bytes) -> None:
         if self._going_away:
@@ -753,8 +708,7 @@ class _Http2Connection(asyncio.Protocol):
             return
         for event in events:
             if isinstance(event, RequestReceived):
-                self._incoming[event.stream_id] = _Incoming(list(event.headers))
-                self._open_streams.add(event.stream_id)
+                self._request_opened(event.stream_id, list(event.headers))
                 self._server.peak_concurrent_streams = max(
                     self._server.peak_concurrent_streams, len(self._open_streams)
                 )
@@ -769,9 +723,7 @@ class _Http2Connection(asyncio.Protocol):
                     self._start_answer(event.stream_id, incoming)
             elif isinstance(event, StreamReset):
                 self._server.resets_received += 1
-                self._incoming.pop(event.stream_id, None)
-                self._outgoing.pop(event.stream_id, None)
-                self._open_streams.discard(event.stream_id)
+                self._forget(event.stream_id)
                 task = self._answering.pop(event.stream_id, None)
                 if task is not None:
                     task.cancel()
@@ -783,14 +735,14 @@ class _Http2Connection(asyncio.Protocol):
                 return
         self._flush()
 
-    def _start_answer(self, stream_id: int, incoming: _Incoming) -> None:
+    def _start_answer(self, stream_id: int, incoming: Incoming) -> None:
         self._requests += 1
         goaway_after = self._server.goaway_after_requests
         last = goaway_after is not None and self._requests >= goaway_after
         task = asyncio.get_running_loop().create_task(self._answer(stream_id, incoming, last))
         self._answering[stream_id] = task
 
-    async def _answer(self, stream_id: int, incoming: _Incoming, last: bool) -> None:
+    async def _answer(self, stream_id: int, incoming: Incoming, last: bool) -> None:
         # Tasks run in the order the requests ended, so by the time one runs after a
         # GOAWAY, that GOAWAY named a lower stream: this request was never processed.
         if not self._taking_requests():
@@ -832,38 +784,7 @@ class _Http2Connection(asyncio.Protocol):
         headers += [
             (name.lower().encode(), value.encode()) for name, value in reply.headers.items()
         ]
-        try:
-            self._h2.send_headers(stream_id, headers, end_stream=not reply.body)
-            if reply.body:
-                self._outgoing[stream_id] = memoryview(reply.body)
-                self._pump(stream_id)
-        except H2Error:
-            self._outgoing.pop(stream_id, None)  # the client reset the stream meanwhile
-        if stream_id not in self._outgoing:
-            self._open_streams.discard(stream_id)
-
-    def _pump(self, stream_id: int) -> None:
-        body = self._outgoing[stream_id]
-        while body:
-            window = self._h2.local_flow_control_window(stream_id)
-            if window <= 0:
-                self._outgoing[stream_id] = body
-                return
-            size = min(window, self._h2.max_outbound_frame_size, len(body))
-            self._h2.send_data(stream_id, body[:size].tobytes(), end_stream=size == len(body))
-            body = body[size:]
-        del self._outgoing[stream_id]
-        self._open_streams.discard(stream_id)
-
-    def _pump_all(self) -> None:
-        for stream_id in list(self._outgoing):
-            try:
-                self._pump(stream_id)
-            except H2Error:
-                self._outgoing.pop(stream_id, None)
-                self._open_streams.discard(stream_id)
-            if self._h2.outbound_flow_control_window <= 0:
-                return
+        self._respond(stream_id, headers, reply.body)
 
 
 # --------------------------------------------------------------------------------------
