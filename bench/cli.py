@@ -145,6 +145,17 @@ async def _connect(bench: Bench, component: RunningComponent) -> ComponentLink:
     raise ScenarioFailed(f"no handshake within 60 s:\n{component.log_tail()}")
 
 
+async def _connect_configured(bench: Bench, component: RunningComponent) -> ComponentLink:
+    """`_connect`, then wait until the component's `configure` of the server plugin
+    was answered (direct mode: notifies and enables need a configured link)."""
+    link = await _connect(bench, component)
+    try:
+        await asyncio.wait_for(asyncio.shield(link.configured), 15)
+    except TimeoutError:
+        raise ScenarioFailed(f"no configure within 15 s:\n{component.log_tail()}") from None
+    return link
+
+
 def _rusage_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -716,11 +727,7 @@ async def _direct_once(
     bench.server.plugin = PLUGIN_SERVER
     try:
         await component.start()
-        link = await _connect(bench, component)
-        try:
-            await asyncio.wait_for(asyncio.shield(link.configured), 15)
-        except TimeoutError:
-            raise ScenarioFailed(f"no configure within 15 s:\n{component.log_tail()}") from None
+        link = await _connect_configured(bench, component)
         _, warmup = await deliver(
             link,
             workload,
@@ -852,11 +859,7 @@ async def _enables_once(
     bench.server.plugin = PLUGIN_SERVER
     try:
         await component.start()
-        link = await _connect(bench, component)
-        try:
-            await asyncio.wait_for(asyncio.shield(link.configured), 15)
-        except TimeoutError:
-            raise ScenarioFailed(f"no configure within 15 s:\n{component.log_tail()}") from None
+        link = await _connect_configured(bench, component)
         link.write(ADVERTISEMENT)
         for phase in PHASES:
             warm = plan.workload(phase, warmup=True)
