@@ -17,6 +17,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -25,7 +26,7 @@ from sqlalchemy.pool import NullPool
 
 from tests.storage.conftest import empty
 from xmpp_push.core.registrations import Registration, RegistrationRequest, Target
-from xmpp_push.storage import MigratePolicy, SqlStore, open_store
+from xmpp_push.storage import MigratePolicy, SqlStore, StorageError, open_store
 from xmpp_push.storage.sql import _SqliteReaders
 
 OWNER = "alice@example.org"
@@ -258,3 +259,40 @@ async def terminate_every_other_backend(url: str) -> None:
             pytest.fail("the terminated backends did not exit within 10 s")
     finally:
         await engine.dispose()
+
+
+# --------------------------------------------------------------------------- closing
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_lookups_queued_when_the_store_closes_get_their_rows(fresh_url: str) -> None:
+    store = await open_store(fresh_url, migrate=MigratePolicy.UPGRADE, cache_size=0)
+    stored = await enable(store)
+    # One reader thread (the fixture): the lookups queue behind each other.
+    lookups = [asyncio.ensure_future(store.for_owner(OWNER)) for _ in range(20)]
+    await asyncio.sleep(0)  # each has handed its read to the reader thread
+    await store.close()
+
+    results = await asyncio.gather(*lookups, return_exceptions=True)
+    assert results == [(stored,)] * 20, "none cancelled, none failed"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_a_lookup_after_the_store_closed_is_a_storage_error(fresh_url: str) -> None:
+    store = await open_store(fresh_url, migrate=MigratePolicy.UPGRADE, cache_size=0)
+    await store.close()
+    with pytest.raises(StorageError, match="closed"):
+        await store.for_owner(OWNER)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_two_readers_open_a_new_database_in_wal_mode_every_time(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both readers used to switch a new file to WAL at the same moment; SQLite refuses
+    # one of two such switches at once ("database is locked"), a few opens in a hundred.
+    monkeypatch.setattr("xmpp_push.storage.sql._SQLITE_READER_THREADS", 2)
+    for attempt in range(40):
+        url = f"sqlite+aiosqlite:///{tmp_path}/fresh-{attempt}.db"
+        async with await open_store(url, migrate=MigratePolicy.UPGRADE) as store:
+            assert list(await store.for_owner(OWNER)) == []

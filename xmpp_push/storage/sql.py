@@ -45,7 +45,6 @@ import importlib.util
 import json
 import random
 import sqlite3
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -242,11 +241,32 @@ def token_hash(token: str) -> str:
     return _sha256(token)
 
 
+_OPTION_NAMES: Final[dict[str, str]] = {
+    name: name
+    for name in (
+        "service",
+        "device_id",
+        "voip_device_id",
+        "secret",
+        "topic",
+        "mode",
+        "priority",
+        "silent",
+        "sound",
+        "time_to_live",
+        "mutable_content",
+        "click_action",
+    )
+}
+"""The publish-options field names clients send (PROTOCOLS.md, docs/clients.md)."""
+
+
 def _options(text: str) -> dict[str, str]:
-    """The stored publish-options. The field names (`service`, `device_id`, `secret`,
-    ...) are the same few in every row: one shared string each, instead of a copy per
-    cached row, keeps a 10,000-user cache about 2 MiB smaller."""
-    return {sys.intern(name): value for name, value in json.loads(text).items()}
+    """The stored publish-options. The usual field names are the same few in every
+    row: one shared string each instead of a copy per cached row keeps a 10,000-user
+    cache about 2 MiB smaller. Only known names are shared (not `sys.intern`): names
+    are the clients' choice, and interned strings live forever on some Pythons."""
+    return {_OPTION_NAMES.get(name, name): value for name, value in json.loads(text).items()}
 
 
 def _registration(row: Sequence[Any]) -> Registration:
@@ -864,12 +884,17 @@ class _SqliteReaders(_ReadPath):
         self._closed = False
 
     async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        # WAL once, before the readers: switching needs an exclusive lock, and two
+        # readers switching a new file at the same moment made one of them fail at
+        # once with "database is locked" (SQLite does not wait there, to avoid a
+        # deadlock). On a file already in WAL, each reader's switch is a no-op.
+        await loop.run_in_executor(self._executor, self._switch_to_wal)
         # Every thread and its connection now: a file that cannot be read fails
         # open_store, and no early lookup waits for a thread to start and connect (an
         # executor starts a thread for each job submitted while none is idle, and the
         # barrier keeps each job in a thread of its own).
         started = threading.Barrier(self._threads)
-        loop = asyncio.get_running_loop()
         await asyncio.gather(
             *(
                 loop.run_in_executor(self._executor, self._first_connection, started)
@@ -878,6 +903,8 @@ class _SqliteReaders(_ReadPath):
         )
 
     async def rows(self, statement: _Read, params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
+        if self._closed:
+            raise StorageError("the registration store is closed")
         compiled = self._reads[statement]
         read = functools.partial(self._fetch, compiled.sql, compiled.args(params))
         async with asyncio.timeout(_OPERATION_TIMEOUT_SECONDS):
@@ -906,6 +933,16 @@ class _SqliteReaders(_ReadPath):
                     ) from exc
                 log.debug("sqlite read retried on a new connection", error=str(exc))
         raise AssertionError("unreachable")
+
+    def _switch_to_wal(self) -> None:
+        try:
+            connection = sqlite3.connect(*self._connect_args, **self._connect_kwargs)
+            try:
+                _sqlite_pragmas(connection)
+            finally:
+                connection.close()
+        except sqlite3.Error as exc:
+            raise sa.exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
 
     def _first_connection(self, started: threading.Barrier) -> None:
         started.wait(_CONNECT_TIMEOUT_SECONDS)
@@ -948,7 +985,9 @@ class _SqliteReaders(_ReadPath):
     # -- in a thread of the event loop's default executor --------------------------
 
     def _shut_down(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Reads already queued are index probes: they finish, and their callers get
+        # their rows rather than a CancelledError nobody asked for.
+        self._executor.shutdown(wait=True)
         with self._opened_lock:
             connections, self._opened = self._opened, set()
         for connection in connections:
