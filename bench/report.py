@@ -574,7 +574,7 @@ straightforward implementation (slixmpp `ComponentXMPP` + `xep_0060` + `iq.reply
 aioapns / aiohttp, in `bench/baseline.py`), on one machine. Run it with
 
 ```sh
-bench/run                # full run: ~6 minutes on an idle machine (installs nginx, the bench extra)
+bench/run                # full run: ~5 minutes idle (the first: +1.5 to load 1M registrations)
 bench/run --quick        # 5,000 publishes per scenario, no profiles, ~1 minute
 bench/run --soak 600     # 10 minutes at half the maximum rate, RSS sampled every 5 s
 ```
