@@ -29,8 +29,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.standins.apns import ApnsStandIn, _describe, _Incoming
+from tests.standins.apns import ApnsStandIn, _describe
 from tests.standins.cli import serve_until_signal
+from tests.standins.h2server import Incoming
 
 __all__ = ["RecordingApns", "main", "parse_arrival"]
 
@@ -40,7 +41,7 @@ class RecordingApns(ApnsStandIn):
     (a benchmark run sends thousands; `requests` stays empty)."""
 
     def _handle(
-        self, connection_id: int, stream_id: int, incoming: _Incoming
+        self, connection_id: int, stream_id: int, incoming: Incoming
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         # Read the clock first: the stand-in's own checks (a JWT signature the first
         # time) are not the component's latency.
