@@ -183,19 +183,28 @@ async def _least_disturbed(
     return record
 
 
+def _write_config(
+    bench: Bench, label: str, sections: dict[str, dict[str, object]], *, overrides: bool = True
+) -> Path:
+    """The component's config for one scenario: the workload's `sections`, then (for
+    the project, not the baseline) the command line's `--set` values over them."""
+    if overrides:
+        for section, values in bench.args.overrides.items():
+            sections.setdefault(section, {}).update(values)
+    return write_config(
+        bench.directory / f"{label}.toml", port=bench.server.port, sinks=bench.sinks, extra=sections
+    )
+
+
 async def _run_once(bench: Bench, scenario: Scenario) -> dict[str, Any]:
     args = bench.args
     workload = bench.workload(scenario.service)
     await workload.prepare(bench.directory)
-    extra = workload.config_sections()
-    if scenario.implementation == "project":
-        for section, values in args.overrides.items():
-            extra.setdefault(section, {}).update(values)
-    config = write_config(
-        bench.directory / f"{scenario.label}.toml",
-        port=bench.server.port,
-        sinks=bench.sinks,
-        extra=extra,
+    config = _write_config(
+        bench,
+        scenario.label,
+        workload.config_sections(),
+        overrides=scenario.implementation == "project",
     )
     component = RunningComponent(
         IMPLEMENTATIONS[scenario.implementation], config, bench.directory / f"{scenario.label}.log"
@@ -424,17 +433,10 @@ async def scale_out(bench: Bench, single: Mapping[str, Any]) -> dict[str, Any] |
     )
     workload = bench.workload(scenario.service)
     await workload.prepare(bench.directory)
-    extra = workload.config_sections()
-    for section, values in args.overrides.items():
-        extra.setdefault(section, {}).update(values)
     # Every process the same config, as a deployment behind one JID has.
-    extra.setdefault("storage", {})["url"] = args.postgresql_url
-    config = write_config(
-        bench.directory / f"{scenario.label}.toml",
-        port=bench.server.port,
-        sinks=bench.sinks,
-        extra=extra,
-    )
+    sections = workload.config_sections()
+    sections.setdefault("storage", {})["url"] = args.postgresql_url
+    config = _write_config(bench, scenario.label, sections)
     try:
         await prepare_postgresql(args.postgresql_url)
         upgraded = await upgrade_database(config)
@@ -643,15 +645,7 @@ async def direct_mode(bench: Bench, single: Mapping[str, Any] | None) -> dict[st
             bench.log(f"  loaded in {loading['seconds']:.1f} s (kept for the next run)")
         else:
             bench.log("  loaded before (the marker and the row count match)")
-        extra = workload.config_sections()
-        for name, values in args.overrides.items():
-            extra.setdefault(name, {}).update(values)
-        config = write_config(
-            bench.directory / f"{label}.toml",
-            port=bench.server.port,
-            sinks=bench.sinks,
-            extra=extra,
-        )
+        config = _write_config(bench, label, workload.config_sections())
         record = await _least_disturbed(
             bench, label, functools.partial(_direct_once, bench, workload, config, label)
         )
