@@ -47,7 +47,7 @@ import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from bench.workload import COMPONENT_JID, Workload
 
@@ -122,6 +122,18 @@ class RunResult:
     link_answered: list[int] = field(default_factory=list)
     link_latencies: list[array[float]] = field(default_factory=list)
     """Per link; kept only when the run has several links (`latencies` has them all)."""
+
+    def counts(self) -> dict[str, Any]:
+        """What was sent and what came back, as every results record names it."""
+        return {
+            "requested": self.requested,
+            "sent": self.sent,
+            "answered": self.answered,
+            "unanswered": self.unanswered,
+            "results": self.results,
+            "errors": self.errors,
+            "unexpected": self.unexpected,
+        }
 
     @property
     def unanswered(self) -> int:
