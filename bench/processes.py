@@ -36,6 +36,7 @@ __all__ = [
     "prepare_postgresql",
     "upgrade_database",
     "write_config",
+    "write_toml",
 ]
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -75,6 +76,16 @@ def _toml_value(value: object) -> str:
     return f'"{text}"'
 
 
+def write_toml(path: Path, sections: Mapping[str, Mapping[str, object]]) -> None:
+    """`sections` as a TOML file of tables of plain values (all a config needs)."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
 def write_config(
     path: Path,
     *,
@@ -102,12 +113,7 @@ def write_config(
         sections[service] = sink.config_section()
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
+    write_toml(path, sections)
     return path
 
 

@@ -87,7 +87,7 @@ from bench._common import (
     update_docs_section,
 )
 from bench.apns_recorder import parse_arrival
-from bench.processes import IMPLEMENTATIONS, RunningComponent, child_environment
+from bench.processes import IMPLEMENTATIONS, RunningComponent, child_environment, write_toml
 from bench.procstat import CpuClock, machine_busy_seconds, wait_for_quiet
 from tests.servers.ejabberd import Ejabberd, EjabberdOptions
 from xmpp_push.devtools import ServerError
@@ -371,17 +371,6 @@ class ApnsRecorder:
 # --------------------------------------------------------------------------- the component
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
 def component_sections(
     port: int, recorder: ApnsRecorder, database: Path
 ) -> dict[str, dict[str, object]]:
@@ -398,15 +387,6 @@ def component_sections(
         "apns": recorder.config_section(),
         "log": {"level": "info", "format": "json"},
     }
-
-
-def write_component_config(path: Path, sections: Mapping[str, Mapping[str, object]]) -> None:
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
 
 
 def log_events(path: Path) -> list[dict[str, Any]]:
@@ -886,7 +866,7 @@ async def run_setup(
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "xmpp-push.toml"
     sections = component_sections(server.component_port, recorder, directory / "registrations.db")
-    write_component_config(config, sections)
+    write_toml(config, sections)
     component = RunningComponent(IMPLEMENTATIONS["project"], config, directory / "component.log")
     first_arrival = len(recorder.arrivals)
     records: list[CaseRecord] = []
